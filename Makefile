@@ -1,0 +1,59 @@
+# pyparallel: the two set-up commands are `make demo` and `make test`; both build everything
+# into a local virtual environment (.venv) from nothing but python3 and a C compiler.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+EXTRAS ?= test,bench
+# The extension is always compiled -Wall -Wextra -Werror here (PYPARALLEL_STRICT).
+BUILD_ENV := PYPARALLEL_STRICT=1
+PYTEST_ARGS ?=
+
+.PHONY: all venv build demo test bench asan valgrind lint clean
+
+all: build
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip "setuptools>=77" wheel
+	$(BUILD_ENV) $(VPY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Rebuild the extension in place whenever a C source or header changed.
+build: $(VENV)/.installed
+	$(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace
+
+demo: build
+	$(VPY) -m pyparallel demo
+
+test: build
+	PYTHONFAULTHANDLER=1 $(VPY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	$(VPY) benchmarks/bench_kernels.py
+	@for b in benchmarks/bench_*.py; do [ "$$b" = benchmarks/bench_kernels.py ] || $(VPY) $$b || exit 1; done
+
+# Memory checking: the test suite against an AddressSanitizer + UBSan build of _core
+# (detect_leaks=0: CPython itself does not free everything at exit), then back to the
+# normal build.
+ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
+asan: $(VENV)/.installed
+	$(BUILD_ENV) PYPARALLEL_SANITIZE=1 $(VPY) setup.py -q build_ext --inplace --force
+	LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONMALLOC=malloc \
+	  $(VPY) -m pytest -q -p no:cacheprovider -m "not stress" $(PYTEST_ARGS); \
+	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; exit $$rc
+
+# The kernel tests under valgrind memcheck (memory errors; slow).
+valgrind: $(VENV)/.installed
+	$(BUILD_ENV) PYPARALLEL_DEBUG_BUILD=1 $(VPY) setup.py -q build_ext --inplace --force
+	PYTHONMALLOC=malloc valgrind -q --error-exitcode=99 --leak-check=no \
+	  $(VPY) -m pytest -q -p no:cacheprovider -x tests/test_kernels.py $(PYTEST_ARGS); \
+	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; exit $$rc
+
+lint:
+	clang-format --dry-run --Werror src/*.c src/*.h
+
+clean:
+	rm -rf build $(VENV) pyparallel/*.so *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,22 @@
+"""pyparallel: parallel computing for Python on one machine, in C.
+
+- :mod:`pyparallel.kernels`: native kernels (fib, cube_loop, square, weighted_multiply)
+  that release the GIL, with bulk ``.map`` forms on a thread team.
+- :func:`cpu_count`: the CPUs this process may really use (affinity and cgroup quotas).
+"""
+from . import _core
+
+__version__ = "0.1.0"
+
+if _core.__version__ != __version__:  # a stale build in the tree: refuse to run with it
+    raise ImportError(
+        f"pyparallel {__version__} found a _core extension built for {_core.__version__}; "
+        "rebuild it (make build, or pip install .)"
+    )
+
+from . import kernels  # noqa: E402
+from ._cpu import cpu_count, default_threads  # noqa: E402
+
+_core.set_default_threads(default_threads())
+
+__all__ = ["kernels", "cpu_count", "__version__"]

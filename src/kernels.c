@@ -1,0 +1,999 @@
+/* kernels.c: the native kernels (fib, cube_loop, square, weighted_multiply) as Kernel
+ * objects with a scalar call and a bulk .map() over pp_parallel_for.
+ *
+ * Every entry follows the same order: convert and check all inputs with the GIL held (so bad
+ * input raises the exception the Python version would, before any thread starts), release
+ * the GIL around pure C, take it back, build the results. */
+#include "pp.h"
+
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_READONLY READONLY
+#endif
+
+/* ------------------------------------------------------------------------------------------
+ * Kernel objects */
+
+typedef PyObject *(*pp_call_fn)(PyObject *module, PyObject *const *args);
+typedef PyObject *(*pp_map_fn)(PyObject *module, PyObject *const *args, int threads);
+
+typedef struct {
+    const char *name;
+    const char *doc;
+    Py_ssize_t nargs;     /* positional arguments of the scalar call */
+    Py_ssize_t map_nargs; /* positional arguments of .map(), before threads= */
+    pp_call_fn call;
+    pp_map_fn map;
+} pp_kernel_def;
+
+typedef struct {
+    PyObject_HEAD
+    const pp_kernel_def *def; /* points into the constant table below */
+    vectorcallfunc vectorcall;
+} KernelObject;
+
+/* ------------------------------------------------------------------------------------------
+ * Shared helpers */
+
+/* Items of `iterable` as a new list or tuple reference (PySequence_Fast), NULL on error. */
+static PyObject *
+pp_fast_items(PyObject *iterable, const char *who)
+{
+    PyObject *py_seq = PySequence_Fast(iterable, "");
+    if (py_seq == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Format(PyExc_TypeError, "%s expected an iterable, got %.100s", who,
+                     Py_TYPE(iterable)->tp_name);
+    }
+    return py_seq;
+}
+
+/* Converts `o` like operator.index() and clamps it into [lo, hi_ok]; values above hi_ok set
+ * OverflowError with `overflow_msg`, values below lo become lo. Returns -1 on error. */
+static int
+pp_index_arg(PyObject *o, long long lo, long long hi_ok, const char *overflow_msg,
+             long long *out)
+{
+    PyObject *py_idx = PyNumber_Index(o);
+    if (py_idx == NULL) {
+        return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(py_idx, &overflow);
+    Py_DECREF(py_idx);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow > 0 || v > hi_ok) {
+        PyErr_SetString(PyExc_OverflowError, overflow_msg);
+        return -1;
+    }
+    *out = (overflow < 0 || v < lo) ? lo : v;
+    return 0;
+}
+
+/* Index order that puts the largest `cost` first: with dynamic scheduling that is the
+ * longest-processing-time rule, so one big item does not start last and run alone. */
+typedef struct {
+    long long key;
+    Py_ssize_t index;
+} pp_order_item;
+
+static int
+pp_order_cmp(const void *a, const void *b)
+{
+    long long ka = ((const pp_order_item *)a)->key, kb = ((const pp_order_item *)b)->key;
+    return (ka < kb) - (ka > kb); /* descending */
+}
+
+/* ------------------------------------------------------------------------------------------
+ * fib: the naive doubly recursive Fibonacci, exactly `1 if n <= 2 else fib(n-1) + fib(n-2)` */
+
+#define PP_FIB_MAX 93 /* fib(93) is the largest that fits in 64 bits (unsigned) */
+#define PP_FIB_RELEASE 24 /* below this a call is too short to be worth releasing the GIL */
+
+/* noipa and no sibling-call optimisation keep GCC from unrolling the recursion into itself
+ * or turning one of the two calls into an accumulator loop: this is a CPU benchmark, and it
+ * must make the same 2*fib(n)-1 calls as the Python version. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((noipa, optimize("no-optimize-sibling-calls")))
+#elif defined(__clang__)
+__attribute__((noinline, disable_tail_calls))
+#endif
+static uint64_t
+pp_fib(long long n)
+{
+    return n <= 2 ? 1 : pp_fib(n - 1) + pp_fib(n - 2);
+}
+
+static int
+pp_fib_arg(PyObject *o, long long *n)
+{
+    /* n <= 2 (however negative) gives 1, as the Python version does: clamp to 0. */
+    return pp_index_arg(o, 0, PP_FIB_MAX, "fib(n) does not fit in 64 bits for n > 93", n);
+}
+
+static PyObject *
+pp_fib_call(PyObject *module, PyObject *const *args)
+{
+    (void)module;
+    long long n;
+    if (pp_fib_arg(args[0], &n) < 0) {
+        return NULL;
+    }
+    uint64_t r;
+    if (n < PP_FIB_RELEASE) {
+        r = pp_fib(n);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        r = pp_fib(n);
+        Py_END_ALLOW_THREADS
+    }
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+/* A bulk job over integer inputs: inputs in descending order of cost, one output slot each. */
+typedef struct {
+    const pp_order_item *order;
+    void *out; /* uint64_t[n] for fib, pp_u192[n] for cube_loop */
+} pp_int_job;
+
+static void
+pp_fib_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    pp_int_job *job = (pp_int_job *)ctx;
+    uint64_t *out = (uint64_t *)job->out;
+    for (Py_ssize_t k = lo; k < hi; k++) {
+        out[job->order[k].index] = pp_fib(job->order[k].key);
+    }
+}
+
+/* Converts every item of `iterable` with `conv` into an order array sorted by cost (the
+ * value itself). Returns the count, or -1 with an exception set. *order is PyMem memory. */
+static Py_ssize_t
+pp_int_inputs(PyObject *iterable, const char *who, int (*conv)(PyObject *, long long *),
+              pp_order_item **order, long long *max_key)
+{
+    PyObject *py_seq = pp_fast_items(iterable, who);
+    if (py_seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
+    pp_order_item *items = PyMem_Malloc(sizeof(pp_order_item) * (size_t)(n > 0 ? n : 1));
+    if (items == NULL) {
+        Py_DECREF(py_seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    long long mx = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        /* Borrowed: the sequence keeps its items alive. */
+        PyObject *py_item = PySequence_Fast_GET_ITEM(py_seq, i);
+        if (conv(py_item, &items[i].key) < 0) {
+            PyMem_Free(items);
+            Py_DECREF(py_seq);
+            return -1;
+        }
+        items[i].index = i;
+        mx = items[i].key > mx ? items[i].key : mx;
+    }
+    Py_DECREF(py_seq);
+    qsort(items, (size_t)n, sizeof(pp_order_item), pp_order_cmp);
+    *order = items;
+    *max_key = mx;
+    return n;
+}
+
+static PyObject *
+pp_fib_map(PyObject *module, PyObject *const *args, int threads)
+{
+    (void)module;
+    pp_order_item *order = NULL;
+    long long max_n = 0;
+    Py_ssize_t n = pp_int_inputs(args[0], "fib.map()", pp_fib_arg, &order, &max_n);
+    if (n < 0) {
+        return NULL;
+    }
+    PyObject *py_list = NULL;
+    uint64_t *out = PyMem_Malloc(sizeof(uint64_t) * (size_t)(n > 0 ? n : 1));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    pp_int_job job = {.order = order, .out = out};
+    if (max_n < PP_FIB_RELEASE) {
+        pp_fib_range(&job, 0, n);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        pp_parallel_for(n, 1, threads, pp_fib_range, &job);
+        Py_END_ALLOW_THREADS
+    }
+    py_list = PyList_New(n);
+    if (py_list == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *py_v = PyLong_FromUnsignedLongLong(out[i]);
+        if (py_v == NULL) {
+            Py_CLEAR(py_list);
+            goto error;
+        }
+        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
+    }
+error:
+    PyMem_Free(out);
+    PyMem_Free(order);
+    return py_list;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * cube_loop: `for i in range(n): i**3`, returning the exact sum of the cubes. The sum is
+ * kept in 192 bits (a 128-bit sum plus a carry count), so it is exact for every n accepted,
+ * and the carry makes the loop something the compiler has to run, not a closed form. */
+
+#define PP_CUBE_MAX (1LL << 42) /* i**3 < 2**128 and the sum < 2**192 below this */
+#define PP_CUBE_RELEASE 20000
+
+typedef struct {
+    uint64_t w[3]; /* little-endian 64-bit limbs */
+} pp_u192;
+
+static void
+pp_cube_sum(long long n, pp_u192 *out)
+{
+    unsigned __int128 lo = 0;
+    uint64_t hi = 0;
+    for (uint64_t i = 0; i < (uint64_t)n; i++) {
+        unsigned __int128 c = (unsigned __int128)i * i * i;
+        lo += c;
+        hi += lo < c;
+    }
+    out->w[0] = (uint64_t)lo;
+    out->w[1] = (uint64_t)(lo >> 64);
+    out->w[2] = hi;
+}
+
+static PyObject *
+pp_long_from_u192(const pp_u192 *v)
+{
+    PyObject *py_r = PyLong_FromUnsignedLongLong(v->w[2]);
+    PyObject *py_shift = PyLong_FromLong(64);
+    if (py_r == NULL || py_shift == NULL) {
+        goto error;
+    }
+    for (int i = 1; i >= 0; i--) {
+        PyObject *py_t = PyNumber_Lshift(py_r, py_shift);
+        Py_SETREF(py_r, py_t);
+        if (py_r == NULL) {
+            goto error;
+        }
+        PyObject *py_limb = PyLong_FromUnsignedLongLong(v->w[i]);
+        if (py_limb == NULL) {
+            goto error;
+        }
+        py_t = PyNumber_Or(py_r, py_limb);
+        Py_DECREF(py_limb);
+        Py_SETREF(py_r, py_t);
+        if (py_r == NULL) {
+            goto error;
+        }
+    }
+    Py_DECREF(py_shift);
+    return py_r;
+error:
+    Py_XDECREF(py_r);
+    Py_XDECREF(py_shift);
+    return NULL;
+}
+
+static int
+pp_cube_arg(PyObject *o, long long *n)
+{
+    /* range(n) is empty for n <= 0: clamp to 0, the sum is 0. */
+    return pp_index_arg(o, 0, PP_CUBE_MAX, "cube_loop(n) supports n up to 2**42", n);
+}
+
+static PyObject *
+pp_cube_call(PyObject *module, PyObject *const *args)
+{
+    (void)module;
+    long long n;
+    if (pp_cube_arg(args[0], &n) < 0) {
+        return NULL;
+    }
+    pp_u192 r;
+    if (n < PP_CUBE_RELEASE) {
+        pp_cube_sum(n, &r);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        pp_cube_sum(n, &r);
+        Py_END_ALLOW_THREADS
+    }
+    return pp_long_from_u192(&r);
+}
+
+static void
+pp_cube_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    pp_int_job *job = (pp_int_job *)ctx;
+    pp_u192 *out = (pp_u192 *)job->out;
+    for (Py_ssize_t k = lo; k < hi; k++) {
+        pp_cube_sum(job->order[k].key, &out[job->order[k].index]);
+    }
+}
+
+static PyObject *
+pp_cube_map(PyObject *module, PyObject *const *args, int threads)
+{
+    (void)module;
+    pp_order_item *order = NULL;
+    long long max_n = 0;
+    Py_ssize_t n = pp_int_inputs(args[0], "cube_loop.map()", pp_cube_arg, &order, &max_n);
+    if (n < 0) {
+        return NULL;
+    }
+    PyObject *py_list = NULL;
+    pp_u192 *out = PyMem_Malloc(sizeof(pp_u192) * (size_t)(n > 0 ? n : 1));
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    pp_int_job job = {.order = order, .out = out};
+    if (max_n < PP_CUBE_RELEASE) {
+        pp_cube_range(&job, 0, n);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        pp_parallel_for(n, 1, threads, pp_cube_range, &job);
+        Py_END_ALLOW_THREADS
+    }
+    py_list = PyList_New(n);
+    if (py_list == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *py_v = pp_long_from_u192(&out[i]);
+        if (py_v == NULL) {
+            Py_CLEAR(py_list);
+            goto error;
+        }
+        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
+    }
+error:
+    PyMem_Free(out);
+    PyMem_Free(order);
+    return py_list;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Numbers with a C fast path: int64 or float64, anything else kept as a Python object whose
+ * result Python computes (so big ints, Fractions, Decimals... give exactly Python's answer,
+ * and wrong types raise Python's own TypeError). */
+
+typedef enum { PP_NUM_OBJ = 0, PP_NUM_I64, PP_NUM_F64 } pp_num_kind;
+
+typedef struct {
+    pp_num_kind kind;
+    union {
+        int64_t i;
+        double f;
+    } v;
+} pp_num;
+
+/* Classifies `o`: exact ints that fit in int64 (and bools), exact floats; others PP_NUM_OBJ.
+ * Never fails. */
+static pp_num
+pp_num_of(PyObject *o)
+{
+    pp_num r = {.kind = PP_NUM_OBJ};
+    if (PyLong_CheckExact(o) || PyBool_Check(o)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (!overflow && !(v == -1 && PyErr_Occurred())) {
+            r.kind = PP_NUM_I64;
+            r.v.i = v;
+        }
+        PyErr_Clear();
+    }
+    else if (PyFloat_CheckExact(o)) {
+        r.kind = PP_NUM_F64;
+        r.v.f = PyFloat_AS_DOUBLE(o);
+    }
+    return r;
+}
+
+/* a * b in C when Python's int/float arithmetic gives the same value; returns false when the
+ * product must be computed by Python (object operands or int64 overflow). */
+static inline bool
+pp_num_mul(pp_num a, pp_num b, pp_num *out)
+{
+    if (a.kind == PP_NUM_OBJ || b.kind == PP_NUM_OBJ) {
+        return false;
+    }
+    if (a.kind == PP_NUM_I64 && b.kind == PP_NUM_I64) {
+        out->kind = PP_NUM_I64;
+        return !__builtin_mul_overflow(a.v.i, b.v.i, &out->v.i);
+    }
+    /* int * float: Python converts the int to the nearest double, as C does. */
+    double x = a.kind == PP_NUM_I64 ? (double)a.v.i : a.v.f;
+    double y = b.kind == PP_NUM_I64 ? (double)b.v.i : b.v.f;
+    out->kind = PP_NUM_F64;
+    out->v.f = x * y;
+    return true;
+}
+
+static PyObject *
+pp_num_to_object(pp_num v)
+{
+    return v.kind == PP_NUM_I64 ? PyLong_FromLongLong(v.v.i) : PyFloat_FromDouble(v.v.f);
+}
+
+/* A bulk product job: out[i] = a[i] * b[i] where both have a fast form; `ok[i]` tells. */
+typedef struct {
+    const pp_num *a;
+    const pp_num *b;
+    pp_num *out;
+    unsigned char *ok;
+} pp_mul_job;
+
+static void
+pp_mul_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    pp_mul_job *job = (pp_mul_job *)ctx;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        job->ok[i] = pp_num_mul(job->a[i], job->b[i], &job->out[i]);
+    }
+}
+
+#define PP_MUL_CHUNK 8192
+#define PP_MUL_RELEASE 65536 /* fewer products than this run on the caller, GIL held */
+
+/* Runs a pp_mul_job over n items: in parallel (GIL released) when big enough. */
+static void
+pp_mul_run(pp_mul_job *job, Py_ssize_t n, int threads)
+{
+    if (n < PP_MUL_RELEASE || threads <= 1) {
+        pp_mul_range(job, 0, n);
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pp_parallel_for(n, PP_MUL_CHUNK, threads, pp_mul_range, job);
+    Py_END_ALLOW_THREADS
+}
+
+/* ------------------------------------------------------------------------------------------
+ * square: x * x */
+
+static PyObject *
+pp_square_call(PyObject *module, PyObject *const *args)
+{
+    (void)module;
+    pp_num x = pp_num_of(args[0]), r;
+    if (pp_num_mul(x, x, &r)) {
+        return pp_num_to_object(r);
+    }
+    return PyNumber_Multiply(args[0], args[0]);
+}
+
+static PyObject *
+pp_square_map(PyObject *module, PyObject *const *args, int threads)
+{
+    (void)module;
+    PyObject *py_seq = pp_fast_items(args[0], "square.map()");
+    if (py_seq == NULL) {
+        return NULL;
+    }
+    PyObject *py_list = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
+    size_t cap = (size_t)(n > 0 ? n : 1);
+    pp_num *x = PyMem_Malloc(sizeof(pp_num) * cap);
+    pp_num *out = PyMem_Malloc(sizeof(pp_num) * cap);
+    unsigned char *ok = PyMem_Malloc(cap);
+    if (x == NULL || out == NULL || ok == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        x[i] = pp_num_of(PySequence_Fast_GET_ITEM(py_seq, i));
+    }
+    pp_mul_job job = {.a = x, .b = x, .out = out, .ok = ok};
+    pp_mul_run(&job, n, threads);
+    py_list = PyList_New(n);
+    if (py_list == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *py_item = PySequence_Fast_GET_ITEM(py_seq, i); /* borrowed */
+        PyObject *py_v = ok[i] ? pp_num_to_object(out[i]) : PyNumber_Multiply(py_item, py_item);
+        if (py_v == NULL) {
+            Py_CLEAR(py_list);
+            goto error;
+        }
+        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
+    }
+error:
+    PyMem_Free(x);
+    PyMem_Free(out);
+    PyMem_Free(ok);
+    Py_DECREF(py_seq);
+    return py_list;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * weighted_multiply: [(kind, number, number * weights[kind]) for kind, number in items] */
+
+/* Unpacks a 2-item iterable like `a, b = o`, with Python's messages. New references. */
+static int
+pp_unpack2(PyObject *o, PyObject **a, PyObject **b)
+{
+    if (PyTuple_CheckExact(o) || PyList_CheckExact(o)) {
+        Py_ssize_t size = PySequence_Fast_GET_SIZE(o);
+        if (size != 2) {
+            if (size < 2) {
+                PyErr_Format(PyExc_ValueError,
+                             "not enough values to unpack (expected 2, got %zd)", size);
+            }
+            else {
+                PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
+            }
+            return -1;
+        }
+        *a = Py_NewRef(PySequence_Fast_GET_ITEM(o, 0));
+        *b = Py_NewRef(PySequence_Fast_GET_ITEM(o, 1));
+        return 0;
+    }
+    PyObject *py_it = PyObject_GetIter(o);
+    if (py_it == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Format(PyExc_TypeError, "cannot unpack non-iterable %.100s object",
+                         Py_TYPE(o)->tp_name);
+        }
+        return -1;
+    }
+    PyObject *py_got[3] = {NULL, NULL, NULL};
+    Py_ssize_t got = 0;
+    for (; got < 3; got++) {
+        py_got[got] = PyIter_Next(py_it);
+        if (py_got[got] == NULL) {
+            break;
+        }
+    }
+    Py_DECREF(py_it);
+    if (PyErr_Occurred() || got != 2) {
+        if (!PyErr_Occurred()) {
+            if (got < 2) {
+                PyErr_Format(PyExc_ValueError,
+                             "not enough values to unpack (expected 2, got %zd)", got);
+            }
+            else {
+                PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
+            }
+        }
+        for (int i = 0; i < 3; i++) {
+            Py_XDECREF(py_got[i]);
+        }
+        return -1;
+    }
+    *a = py_got[0];
+    *b = py_got[1];
+    return 0;
+}
+
+/* Shared by the scalar call (threads == 1) and .map(). */
+static PyObject *
+pp_weighted_multiply(PyObject *items, PyObject *weights, int threads)
+{
+    PyObject *py_seq = pp_fast_items(items, "weighted_multiply()");
+    if (py_seq == NULL) {
+        return NULL;
+    }
+    PyObject *py_list = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq), done = 0;
+    size_t cap = (size_t)(n > 0 ? n : 1);
+    /* Per item: kind, number, weight (new references), their fast forms, the product. */
+    PyObject **py_objs = PyMem_Calloc(cap * 3, sizeof(PyObject *));
+    pp_num *num = PyMem_Malloc(sizeof(pp_num) * cap);
+    pp_num *wt = PyMem_Malloc(sizeof(pp_num) * cap);
+    pp_num *out = PyMem_Malloc(sizeof(pp_num) * cap);
+    unsigned char *ok = PyMem_Malloc(cap);
+    if (py_objs == NULL || num == NULL || wt == NULL || out == NULL || ok == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (; done < n; done++) {
+        PyObject **slot = &py_objs[3 * done];
+        if (pp_unpack2(PySequence_Fast_GET_ITEM(py_seq, done), &slot[0], &slot[1]) < 0) {
+            goto error;
+        }
+        slot[2] = PyObject_GetItem(weights, slot[0]); /* KeyError for an unknown kind */
+        if (slot[2] == NULL) {
+            done++; /* slot[0..1] are owned: clear them below */
+            goto error;
+        }
+        num[done] = pp_num_of(slot[1]);
+        wt[done] = pp_num_of(slot[2]);
+    }
+    pp_mul_job job = {.a = num, .b = wt, .out = out, .ok = ok};
+    pp_mul_run(&job, n, threads);
+    py_list = PyList_New(n);
+    if (py_list == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject **slot = &py_objs[3 * i];
+        PyObject *py_prod = ok[i] ? pp_num_to_object(out[i]) : PyNumber_Multiply(slot[1], slot[2]);
+        PyObject *py_t = py_prod ? PyTuple_Pack(3, slot[0], slot[1], py_prod) : NULL;
+        Py_XDECREF(py_prod);
+        if (py_t == NULL) {
+            Py_CLEAR(py_list);
+            goto error;
+        }
+        PyList_SET_ITEM(py_list, i, py_t); /* steals py_t */
+    }
+error:
+    if (py_objs != NULL) {
+        for (Py_ssize_t i = 0; i < 3 * done; i++) {
+            Py_XDECREF(py_objs[i]);
+        }
+    }
+    PyMem_Free(py_objs);
+    PyMem_Free(num);
+    PyMem_Free(wt);
+    PyMem_Free(out);
+    PyMem_Free(ok);
+    Py_DECREF(py_seq);
+    return py_list;
+}
+
+static PyObject *
+pp_wm_call(PyObject *module, PyObject *const *args)
+{
+    (void)module;
+    return pp_weighted_multiply(args[0], args[1], 1);
+}
+
+static PyObject *
+pp_wm_map(PyObject *module, PyObject *const *args, int threads)
+{
+    (void)module;
+    return pp_weighted_multiply(args[0], args[1], threads);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * weighted_multiply_buffer: out[i] = numbers[i] * weights[i] over int64/float64 buffers */
+
+typedef enum { PP_BUF_I64 = 1, PP_BUF_F64 } pp_buf_kind;
+
+/* Element type of a buffer's struct-module format, 0 with TypeError if unsupported. */
+static pp_buf_kind
+pp_buf_kind_of(const Py_buffer *view, const char *name)
+{
+    const char *f = view->format ? view->format : "B";
+    if (*f == '@' || *f == '=' || *f == '<') { /* native order: x86-64 and aarch64 are little */
+        f++;
+    }
+    if (view->itemsize == 8 && (strcmp(f, "q") == 0 || strcmp(f, "l") == 0)) {
+        return PP_BUF_I64;
+    }
+    if (view->itemsize == 8 && strcmp(f, "d") == 0) {
+        return PP_BUF_F64;
+    }
+    PyErr_Format(PyExc_TypeError, "%s must be a buffer of int64 or float64, not format '%s'", name,
+                 view->format ? view->format : "B");
+    return 0;
+}
+
+typedef struct {
+    const void *a, *b;
+    void *out;
+    pp_buf_kind ka, kb, kout;
+} pp_buf_job;
+
+static void
+pp_buf_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const pp_buf_job *job = (const pp_buf_job *)ctx;
+    if (job->kout == PP_BUF_I64) {
+        const uint64_t *a = job->a, *b = job->b;
+        int64_t *out = job->out;
+        for (Py_ssize_t i = lo; i < hi; i++) {
+            out[i] = (int64_t)(a[i] * b[i]); /* wraps on overflow, as numpy's int64 does */
+        }
+        return;
+    }
+    double *out = job->out;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        double x = job->ka == PP_BUF_I64 ? (double)((const int64_t *)job->a)[i]
+                                         : ((const double *)job->a)[i];
+        double y = job->kb == PP_BUF_I64 ? (double)((const int64_t *)job->b)[i]
+                                         : ((const double *)job->b)[i];
+        out[i] = x * y;
+    }
+}
+
+#define PP_BUF_CHUNK 16384
+#define PP_BUF_RELEASE 32768
+
+PyDoc_STRVAR(pp_wmb_doc, "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /)\n--\n\n"
+                         "out[i] = numbers[i] * weights[i] over int64/float64 buffers of one length.\n"
+                         "The public wrapper is pyparallel.kernels.weighted_multiply_buffer.");
+
+static PyObject *
+pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "_weighted_multiply_buffer() takes 3 or 4 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int threads = pp_threads_arg(module, nargs == 4 ? args[3] : NULL);
+    if (threads < 0) {
+        return NULL;
+    }
+    Py_buffer a = {0}, b = {0}, o = {0};
+    PyObject *py_ret = NULL;
+    if (PyObject_GetBuffer(args[0], &a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        goto error;
+    }
+    if (PyObject_GetBuffer(args[2], &o, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        goto error;
+    }
+    pp_buf_job job = {.a = a.buf, .b = b.buf, .out = o.buf};
+    if (!(job.ka = pp_buf_kind_of(&a, "numbers")) || !(job.kb = pp_buf_kind_of(&b, "weights")) ||
+        !(job.kout = pp_buf_kind_of(&o, "out"))) {
+        goto error;
+    }
+    Py_ssize_t n = a.len / 8;
+    if (b.len / 8 != n || o.len / 8 != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "numbers, weights and out must have the same length (got %zd, %zd, %zd)", n,
+                     b.len / 8, o.len / 8);
+        goto error;
+    }
+    pp_buf_kind want = (job.ka == PP_BUF_F64 || job.kb == PP_BUF_F64) ? PP_BUF_F64 : PP_BUF_I64;
+    if (job.kout != want) {
+        PyErr_Format(PyExc_TypeError, "out must hold %s for these inputs",
+                     want == PP_BUF_F64 ? "float64" : "int64");
+        goto error;
+    }
+    if (n < PP_BUF_RELEASE || threads <= 1) {
+        pp_buf_range(&job, 0, n);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        pp_parallel_for(n, PP_BUF_CHUNK, threads, pp_buf_range, &job);
+        Py_END_ALLOW_THREADS
+    }
+    py_ret = Py_NewRef(args[2]);
+error:
+    PyBuffer_Release(&a); /* PyBuffer_Release ignores a view that was never filled */
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    return py_ret;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The kernel table and the Kernel type */
+
+static const pp_kernel_def pp_kernel_defs[] = {
+    {"fib",
+     "fib(n, /)\n--\n\n"
+     "The naive doubly recursive Fibonacci: 1 if n <= 2 else fib(n-1) + fib(n-2).\n"
+     "Computed in C by the same recursion with the GIL released. OverflowError for n > 93.\n\n"
+     "fib.map(iterable, threads=None) computes every item on a thread team.",
+     1, 1, pp_fib_call, pp_fib_map},
+    {"cube_loop",
+     "cube_loop(n, /)\n--\n\n"
+     "The CPU-burning loop `for i in range(n): i**3`, returning the exact sum of the cubes.\n"
+     "Runs in C with the GIL released; 0 for n <= 0; OverflowError above 2**42.\n\n"
+     "cube_loop.map(iterable, threads=None) computes every item on a thread team.",
+     1, 1, pp_cube_call, pp_cube_map},
+    {"square",
+     "square(x, /)\n--\n\n"
+     "x * x: in C for int64 and float, by Python for anything else (big ints, ...).\n\n"
+     "square.map(iterable, threads=None) squares every item, in parallel for large inputs.",
+     1, 1, pp_square_call, pp_square_map},
+    {"weighted_multiply",
+     "weighted_multiply(items, weights, /)\n--\n\n"
+     "[(kind, number, number * weights[kind]) for kind, number in items].\n\n"
+     "weighted_multiply.map(items, weights, threads=None) computes the products on a\n"
+     "thread team.",
+     2, 2, pp_wm_call, pp_wm_map},
+};
+
+#define PP_NKERNELS ((Py_ssize_t)(sizeof(pp_kernel_defs) / sizeof(pp_kernel_defs[0])))
+
+static PyObject *
+Kernel_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    const pp_kernel_def *def = ((KernelObject *)self)->def;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", def->name);
+        return NULL;
+    }
+    if (nargs != def->nargs) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd argument%s (%zd given)", def->name,
+                     def->nargs, def->nargs == 1 ? "" : "s", nargs);
+        return NULL;
+    }
+    return def->call(PyType_GetModule(Py_TYPE(self)), args);
+}
+
+/* kernel.map(*inputs, threads=None) */
+static PyObject *
+Kernel_map(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    const pp_kernel_def *def = ((KernelObject *)self)->def;
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    PyObject *py_threads = nargs > def->map_nargs ? args[def->map_nargs] : NULL;
+    if (nargs < def->map_nargs || nargs > def->map_nargs + 1) {
+        PyErr_Format(PyExc_TypeError, "%s.map() takes %zd positional argument%s (%zd given)",
+                     def->name, def->map_nargs, def->map_nargs == 1 ? "" : "s", nargs);
+        return NULL;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
+        if (!PyUnicode_Check(py_name) || !(PyUnicode_CompareWithASCIIString(py_name, "threads") == 0)) {
+            PyErr_Format(PyExc_TypeError, "%s.map() got an unexpected keyword argument '%S'",
+                         def->name, py_name);
+            return NULL;
+        }
+        if (py_threads != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s.map() got multiple values for argument 'threads'",
+                         def->name);
+            return NULL;
+        }
+        py_threads = args[nargs + i];
+    }
+    int threads = pp_threads_arg(module, py_threads);
+    if (threads < 0) {
+        return NULL;
+    }
+    return def->map(module, args, threads);
+}
+
+static PyObject *
+Kernel_reduce(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    /* Pickles by name: the receiving process looks the kernel up in its own _core. */
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    PyObject *py_lookup = PyObject_GetAttrString(module, "_kernel_by_name");
+    if (py_lookup == NULL) {
+        return NULL;
+    }
+    return Py_BuildValue("N(s)", py_lookup, ((KernelObject *)self)->def->name);
+}
+
+static PyObject *
+Kernel_repr(PyObject *self)
+{
+    return PyUnicode_FromFormat("<pyparallel kernel %s>", ((KernelObject *)self)->def->name);
+}
+
+static PyObject *
+Kernel_get_name(PyObject *self, void *Py_UNUSED(closure))
+{
+    return PyUnicode_FromString(((KernelObject *)self)->def->name);
+}
+
+static PyObject *
+Kernel_get_doc(PyObject *self, void *Py_UNUSED(closure))
+{
+    return PyUnicode_FromString(((KernelObject *)self)->def->doc);
+}
+
+static PyObject *
+Kernel_get_unary(PyObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(((KernelObject *)self)->def->nargs == 1);
+}
+
+static void
+Kernel_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp); /* instances of heap types own a reference to their type */
+}
+
+static PyMethodDef Kernel_methods[] = {
+    {"map", (PyCFunction)(void (*)(void))Kernel_map, METH_FASTCALL | METH_KEYWORDS,
+     "map(*inputs, threads=None)\n--\n\n"
+     "The kernel over many inputs on one thread team, GIL released; a list in input order."},
+    {"__reduce__", Kernel_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Kernel_getset[] = {
+    {"__name__", Kernel_get_name, NULL, NULL, NULL},
+    {"__qualname__", Kernel_get_name, NULL, NULL, NULL},
+    {"__doc__", Kernel_get_doc, NULL, NULL, NULL},
+    {"unary", Kernel_get_unary, NULL, "True when kernel.map(xs) == [kernel(x) for x in xs].", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef Kernel_members[] = {
+    {"__vectorcalloffset__", Py_T_PYSSIZET, offsetof(KernelObject, vectorcall), Py_READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Kernel_slots[] = {
+    {Py_tp_dealloc, Kernel_dealloc},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_repr, Kernel_repr},
+    {Py_tp_methods, Kernel_methods},
+    {Py_tp_getset, Kernel_getset},
+    {Py_tp_members, Kernel_members},
+    {0, NULL},
+};
+
+static PyType_Spec Kernel_spec = {
+    .name = "pyparallel._core.Kernel",
+    .basicsize = sizeof(KernelObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION |
+             Py_TPFLAGS_HAVE_VECTORCALL,
+    .slots = Kernel_slots,
+};
+
+PyDoc_STRVAR(pp_kernel_by_name_doc, "_kernel_by_name($module, name, /)\n--\n\n"
+                                    "The kernel called `name` (used to unpickle kernels).");
+
+static PyObject *
+pp_kernel_by_name(PyObject *module, PyObject *name)
+{
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "kernel name must be a str");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PP_NKERNELS; i++) {
+        if (PyUnicode_CompareWithASCIIString(name, pp_kernel_defs[i].name) == 0) {
+            return PyObject_GetAttr(module, name);
+        }
+    }
+    PyErr_Format(PyExc_LookupError, "no kernel named %R", name);
+    return NULL;
+}
+
+PyMethodDef pp_kernels_methods[] = {
+    {"_kernel_by_name", pp_kernel_by_name, METH_O, pp_kernel_by_name_doc},
+    {"_weighted_multiply_buffer", (PyCFunction)(void (*)(void))pp_wmb, METH_FASTCALL, pp_wmb_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+int
+pp_kernels_exec(PyObject *module, pp_state *st)
+{
+    st->KernelType = PyType_FromModuleAndSpec(module, &Kernel_spec, NULL);
+    if (st->KernelType == NULL) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Kernel", st->KernelType) < 0) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PP_NKERNELS; i++) {
+        KernelObject *k = PyObject_New(KernelObject, (PyTypeObject *)st->KernelType);
+        if (k == NULL) {
+            return -1;
+        }
+        k->def = &pp_kernel_defs[i];
+        k->vectorcall = Kernel_vectorcall;
+        /* PyModule_AddObject-style: steals k on success, we drop it on failure. */
+        int rc = PyModule_AddObjectRef(module, pp_kernel_defs[i].name, (PyObject *)k);
+        Py_DECREF(k);
+        if (rc < 0) {
+            return -1;
+        }
+    }
+    return PyModule_AddFunctions(module, pp_kernels_methods);
+}

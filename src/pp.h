@@ -1,0 +1,65 @@
+/* pyparallel internal header: module state, status codes, and the entry points that each
+ * concern's C file (kernels.c, team.c, ...) offers to the others. Nothing here is public. */
+#ifndef PP_H
+#define PP_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#ifndef PP_VERSION
+#error "PP_VERSION must be defined by the build (setup.py)"
+#endif
+
+/* Status codes for code that runs without the GIL: it returns one of these and never touches
+ * the exception state; pp_raise() turns it into an exception once the GIL is back. */
+typedef enum {
+    PP_OK = 0,
+    PP_ERR_NOMEM,     /* allocation failed */
+    PP_ERR_OS,        /* a system call failed; errno says which */
+    PP_ERR_OVERFLOW,  /* a result does not fit */
+    PP_ERR_TIMEOUT,   /* a timed wait expired */
+    PP_ERR_INTERRUPT, /* a wait was interrupted by a signal that Python must see */
+    PP_ERR_CLOSED,    /* the other side has gone away */
+} pp_status;
+
+/* Sets the exception for `st` (using `err` as errno for PP_ERR_OS); returns NULL. */
+PyObject *pp_raise(pp_status st, int err);
+
+/* Module state: every Python object the module owns, one X() line each, so that the state
+ * struct, traverse and clear are generated from a single list and cannot drift apart. */
+#define PP_STATE_OBJECTS(X) X(KernelType)
+
+typedef struct {
+#define PP_DECLARE_FIELD(name) PyObject *name;
+    PP_STATE_OBJECTS(PP_DECLARE_FIELD)
+#undef PP_DECLARE_FIELD
+    int default_threads; /* team size when a call passes threads=None; set by the package */
+} pp_state;
+
+extern PyModuleDef pp_moduledef;
+
+static inline pp_state *
+pp_get_state(PyObject *module)
+{
+    return (pp_state *)PyModule_GetState(module);
+}
+
+/* ---- team.c: one parallel loop, fork-safe, run without the GIL ---- */
+
+/* Body of a parallel loop: handles indices [lo, hi). Must not touch Python objects. */
+typedef void (*pp_range_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi);
+
+/* Runs body over [0, n) in chunks of `chunk` indices handed out dynamically to `threads`
+ * threads (OpenMP when built with it, pthreads otherwise). Call it with the GIL released.
+ * Never fails: if threads cannot be started, the loop runs on the calling thread. */
+void pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx);
+
+/* Converts a `threads=` argument (None or a positive int) to a team size; -1 on error. */
+int pp_threads_arg(PyObject *module, PyObject *arg);
+
+/* ---- kernels.c ---- */
+int pp_kernels_exec(PyObject *module, pp_state *st);
+extern PyMethodDef pp_kernels_methods[];
+
+#endif /* PP_H */
