@@ -451,14 +451,16 @@ pp_mul_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     }
 }
 
-#define PP_MUL_CHUNK 8192
+/* Chunks are handed out dynamically: a helper thread that wakes late (waking an idle vCPU
+ * can take milliseconds on a VM) only delays the loop by the chunk it takes. */
+#define PP_MUL_CHUNK 65536
 #define PP_MUL_RELEASE 65536 /* fewer products than this run on the caller, GIL held */
 
 /* Runs a pp_mul_job over n items: in parallel (GIL released) when big enough. */
 static void
 pp_mul_run(pp_mul_job *job, Py_ssize_t n, int threads)
 {
-    if (n < PP_MUL_RELEASE || threads <= 1) {
+    if (n < PP_MUL_RELEASE) {
         pp_mul_range(job, 0, n);
         return;
     }
@@ -717,7 +719,7 @@ pp_buf_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     }
 }
 
-#define PP_BUF_CHUNK 16384
+#define PP_BUF_CHUNK 65536 /* see PP_MUL_CHUNK */
 #define PP_BUF_RELEASE 32768
 
 PyDoc_STRVAR(pp_wmb_doc, "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /)\n--\n\n"
@@ -765,7 +767,7 @@ pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      want == PP_BUF_F64 ? "float64" : "int64");
         goto error;
     }
-    if (n < PP_BUF_RELEASE || threads <= 1) {
+    if (n < PP_BUF_RELEASE) {
         pp_buf_range(&job, 0, n);
     }
     else {

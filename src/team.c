@@ -3,15 +3,18 @@
  * Fork safety. GNU OpenMP keeps a pool of threads per *master* thread and reuses it in the
  * next parallel region; a process forked from a thread that owns such a pool inherits the
  * pool's bookkeeping but not its threads, and deadlocks in its first parallel region. So no
- * Python thread ever becomes an OpenMP master here: each parallel loop is started from a
- * short-lived pthread which owns the team and takes it down when it exits. Whatever thread
- * later calls fork() has no pool, and the child can run OpenMP (or this loop) at once. The
- * cost is one thread start and one team start per bulk call (tens of microseconds), which
- * is why small inputs run serially on the caller. The pthread fallback has the same shape. */
+ * Python thread ever becomes an OpenMP master here: every loop is handed to one long-lived
+ * pthread, the team master, which owns the OpenMP pool (or, in the pthread fallback, a set
+ * of helper threads). Whatever thread later calls fork() owns no pool; a pthread_atfork
+ * child handler forgets the master (it does not exist in the child), and the child's first
+ * loop starts a new master with a new pool. Keeping the master (instead of a thread per
+ * loop) matters: new threads start on their creator's CPU and may wait a scheduler tick to
+ * move to an idle one, which cost milliseconds per loop on small VMs. */
 #include "pp.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #ifdef PP_HAVE_OPENMP
 #include <omp.h>
 #endif
@@ -25,6 +28,26 @@ typedef struct {
     atomic_llong next; /* first index of the next chunk to hand out (pthread fallback) */
 } pp_loop;
 
+#define PP_MAX_HELPERS 1024
+
+/* The team is process-wide state by nature: the OpenMP pool it owns is per process, and the
+ * atfork handler that resets it receives no argument. It holds no Python object, so it is
+ * shared safely by every interpreter and module instance; this is the one mutable static. */
+static struct {
+    pthread_mutex_t call; /* one loop at a time */
+    pthread_mutex_t mu;   /* guards the fields below */
+    pthread_cond_t wake;  /* master and helpers wait here for a new generation */
+    pthread_cond_t done;  /* the caller waits here for running == 0 */
+    pp_loop *loop;
+    unsigned long generation;
+    int running;      /* threads still inside the current generation's loop */
+    int participants; /* fallback: helpers 0..participants-1 take part in this generation */
+    int started;      /* threads started: the master (OpenMP) or helpers (fallback) */
+    unsigned long born; /* generation when the latest threads were started: they wait for the next */
+    bool atfork_registered;
+} pp_team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
+             PTHREAD_COND_INITIALIZER};
+
 static inline void
 pp_loop_chunk(pp_loop *loop, Py_ssize_t c)
 {
@@ -34,24 +57,20 @@ pp_loop_chunk(pp_loop *loop, Py_ssize_t c)
 }
 
 #ifdef PP_HAVE_OPENMP
-/* The master of one OpenMP team; runs on its own pthread (see the file comment). */
-static void *
-pp_loop_master(void *arg)
+static void
+pp_loop_run(pp_loop *loop)
 {
-    pp_loop *loop = (pp_loop *)arg;
     Py_ssize_t nchunks = (loop->n + loop->chunk - 1) / loop->chunk;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(loop->threads)
     for (Py_ssize_t c = 0; c < nchunks; c++) {
         pp_loop_chunk(loop, c);
     }
-    return NULL;
 }
 #else
 /* One member of the pthread team: takes chunks until none are left. */
-static void *
-pp_loop_master(void *arg)
+static void
+pp_loop_run(pp_loop *loop)
 {
-    pp_loop *loop = (pp_loop *)arg;
     for (;;) {
         long long lo = atomic_fetch_add(&loop->next, (long long)loop->chunk);
         if (lo >= loop->n) {
@@ -59,9 +78,76 @@ pp_loop_master(void *arg)
         }
         pp_loop_chunk(loop, (Py_ssize_t)(lo / loop->chunk));
     }
-    return NULL;
 }
 #endif
+
+/* Body of the master (OpenMP) or of helper number `(intptr_t)arg` (fallback). */
+static void *
+pp_team_thread(void *arg)
+{
+    int index = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pp_team.mu);
+    unsigned long seen = pp_team.born;
+    for (;;) {
+        while (pp_team.generation == seen) {
+            pthread_cond_wait(&pp_team.wake, &pp_team.mu);
+        }
+        seen = pp_team.generation;
+        if (index >= pp_team.participants) {
+            continue;
+        }
+        pp_loop *loop = pp_team.loop;
+        pthread_mutex_unlock(&pp_team.mu);
+        pp_loop_run(loop);
+        pthread_mutex_lock(&pp_team.mu);
+        if (--pp_team.running == 0) {
+            pthread_cond_signal(&pp_team.done);
+        }
+    }
+    return NULL;
+}
+
+/* In a forked child only the forking thread exists: forget the team's threads and any lock
+ * a vanished thread held. The child's next loop starts a new team. */
+static void
+pp_team_atfork_child(void)
+{
+    pthread_mutex_init(&pp_team.call, NULL);
+    pthread_mutex_init(&pp_team.mu, NULL);
+    pthread_cond_init(&pp_team.wake, NULL);
+    pthread_cond_init(&pp_team.done, NULL);
+    pp_team.loop = NULL;
+    pp_team.running = 0;
+    pp_team.participants = 0;
+    pp_team.started = 0;
+    pp_team.born = pp_team.generation;
+}
+
+/* Starts team threads until `want` exist (called with pp_team.mu held); returns how many. */
+static int
+pp_team_grow(int want)
+{
+    if (!pp_team.atfork_registered) {
+        if (pthread_atfork(NULL, NULL, pp_team_atfork_child) != 0) {
+            return 0;
+        }
+        pp_team.atfork_registered = true;
+    }
+    pp_team.born = pp_team.generation;
+    while (pp_team.started < want) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&tid, &attr, pp_team_thread, (void *)(intptr_t)pp_team.started);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) {
+            break;
+        }
+        pp_team.started++;
+    }
+    return pp_team.started;
+}
 
 void
 pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx)
@@ -83,29 +169,35 @@ pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, v
     pp_loop loop = {.n = n, .chunk = chunk, .threads = threads, .body = body, .ctx = ctx};
     atomic_init(&loop.next, 0);
 #ifdef PP_HAVE_OPENMP
-    pthread_t master;
-    if (pthread_create(&master, NULL, pp_loop_master, &loop) != 0) {
+    int want = 1; /* the master; OpenMP brings the rest */
+#else
+    int want = threads - 1 < PP_MAX_HELPERS ? threads - 1 : PP_MAX_HELPERS; /* + the caller */
+#endif
+    pthread_mutex_lock(&pp_team.call);
+    pthread_mutex_lock(&pp_team.mu);
+    int have = pp_team_grow(want);
+    if (have == 0) { /* no thread could be started: run here */
+        pthread_mutex_unlock(&pp_team.mu);
+        pthread_mutex_unlock(&pp_team.call);
         body(ctx, 0, n);
         return;
     }
-    pthread_join(master, NULL);
-#else
-    /* threads - 1 helpers plus the calling thread; helpers that fail to start are skipped. */
-    pthread_t *tids = (pthread_t *)PyMem_RawMalloc(sizeof(pthread_t) * (size_t)threads);
-    int started = 0;
-    if (tids != NULL) {
-        for (int t = 0; t < threads - 1; t++) {
-            if (pthread_create(&tids[started], NULL, pp_loop_master, &loop) == 0) {
-                started++;
-            }
-        }
-    }
-    pp_loop_master(&loop);
-    for (int t = 0; t < started; t++) {
-        pthread_join(tids[t], NULL);
-    }
-    PyMem_RawFree(tids);
+    pp_team.loop = &loop;
+    pp_team.participants = have < want ? have : want;
+    pp_team.running = pp_team.participants;
+    pp_team.generation++;
+    pthread_cond_broadcast(&pp_team.wake);
+    pthread_mutex_unlock(&pp_team.mu);
+#ifndef PP_HAVE_OPENMP
+    pp_loop_run(&loop); /* the caller is a member of the pthread team */
 #endif
+    pthread_mutex_lock(&pp_team.mu);
+    while (pp_team.running > 0) {
+        pthread_cond_wait(&pp_team.done, &pp_team.mu);
+    }
+    pp_team.loop = NULL;
+    pthread_mutex_unlock(&pp_team.mu);
+    pthread_mutex_unlock(&pp_team.call);
 }
 
 int

@@ -1,0 +1,381 @@
+"""pyparallel.kernels against pure-Python references: values, edge cases, errors, threads."""
+import array
+import fractions
+import decimal
+import functools
+import math
+import pickle
+import threading
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pyparallel import kernels
+from pyparallel.kernels import cube_loop, fib, square, weighted_multiply, weighted_multiply_buffer
+
+np = pytest.importorskip("numpy")
+
+
+# ---- the pure-Python references: the spec ----
+
+@functools.lru_cache(maxsize=None)
+def ref_fib(n):  # the same recursion, memoised so the test is quick
+    return 1 if n <= 2 else ref_fib(n - 1) + ref_fib(n - 2)
+
+
+def ref_cube_loop(n):
+    total = 0
+    for i in range(n):
+        total += i**3
+    return total
+
+
+def ref_square(x):
+    return x * x
+
+
+def ref_weighted_multiply(items, weights):
+    return [(kind, number, number * weights[kind]) for kind, number in items]
+
+
+def same_exception(fn_a, fn_b):
+    """Both raise, and the same exception type."""
+    with pytest.raises(Exception) as a:
+        fn_a()
+    with pytest.raises(Exception) as b:
+        fn_b()
+    assert type(a.value) is type(b.value), (a.value, b.value)
+    return a.value
+
+
+# ---- fib ----
+
+@pytest.mark.parametrize("n", [-(10**30), -5, -1, 0, 1, 2, 3, 10, 25, 30, True, False])
+def test_fib_edge_values(n):
+    assert fib(n) == ref_fib(n)
+    assert type(fib(n)) is int
+
+
+def test_fib_known_value():
+    assert fib(38) == 39088169
+
+
+@given(st.integers(min_value=-(10**40), max_value=27))
+@settings(max_examples=200, deadline=None)
+def test_fib_matches_reference(n):
+    assert fib(n) == ref_fib(n)
+
+
+@pytest.mark.parametrize("n", [94, 1000, 10**30])
+def test_fib_overflow(n):
+    with pytest.raises(OverflowError):
+        fib(n)
+
+
+@pytest.mark.parametrize("bad", [1.5, 3.0, "7", None, [3], 2j])
+def test_fib_wrong_type(bad):
+    with pytest.raises(TypeError):
+        fib(bad)
+
+
+def test_fib_accepts_index_objects():
+    class Idx:
+        def __index__(self):
+            return 20
+
+    assert fib(Idx()) == ref_fib(20)
+    assert fib(np.int64(21)) == ref_fib(21)
+
+
+def test_fib_call_signature():
+    with pytest.raises(TypeError):
+        fib()
+    with pytest.raises(TypeError):
+        fib(1, 2)
+    with pytest.raises(TypeError):
+        fib(n=3)
+
+
+@pytest.mark.parametrize("threads", [None, 1, 2, 3, 7])
+def test_fib_map(threads):
+    xs = list(range(-3, 30)) + [25, 1, 28]
+    assert fib.map(xs, threads=threads) == [ref_fib(x) for x in xs]
+
+
+def test_fib_map_inputs():
+    assert fib.map([]) == []
+    assert fib.map(x for x in (5, 6, 7)) == [5, 8, 13]
+    assert fib.map((30,), 2) == [ref_fib(30)]
+    assert fib.map(range(3)) == [1, 1, 1]
+
+
+def test_fib_map_errors_come_before_any_work():
+    # fib(80) would run for years: the bad item must be found before anything is computed.
+    with pytest.raises(TypeError):
+        fib.map([80, 81, "x"])
+    with pytest.raises(OverflowError):
+        fib.map([80, 81, 94])
+    with pytest.raises(TypeError):
+        fib.map(5)
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError),
+                                     (True, TypeError), ("2", TypeError)])
+def test_threads_argument(bad, exc):
+    with pytest.raises(exc):
+        fib.map([3], threads=bad)
+
+
+def test_map_keyword_errors():
+    with pytest.raises(TypeError):
+        fib.map([3], thread=2)
+    with pytest.raises(TypeError):
+        fib.map([3], 2, threads=2)
+    with pytest.raises(TypeError):
+        fib.map()
+
+
+# ---- cube_loop ----
+
+@pytest.mark.parametrize("n", [-(10**30), -1, 0, 1, 2, 3, 1000, 123457, True, False])
+def test_cube_loop_edge_values(n):
+    assert cube_loop(n) == ref_cube_loop(n)
+
+
+@given(st.integers(min_value=-50, max_value=5000))
+@settings(max_examples=100, deadline=None)
+def test_cube_loop_matches_reference(n):
+    assert cube_loop(n) == ref_cube_loop(n)
+
+
+def test_cube_loop_exact_beyond_128_bits():
+    # The sum passes 2**128 near n = 2**32.5; check the closed form there without looping
+    # for minutes: the kernel's 192-bit accumulator must carry correctly, so check a size
+    # whose cubes overflow 64 bits (i > 2**21) and a closed form of sum(i**3) = (n(n-1)/2)**2.
+    n = 3_000_000
+    assert cube_loop(n) == (n * (n - 1) // 2) ** 2
+    assert cube_loop(n) > 2**64
+
+
+def test_cube_loop_errors():
+    with pytest.raises(OverflowError):
+        cube_loop(2**42 + 1)
+    with pytest.raises(TypeError):
+        cube_loop(10.0)
+    with pytest.raises(TypeError):
+        cube_loop.map([10, None])
+
+
+def test_cube_loop_map():
+    xs = [0, 5, 100_000, -3, 30_000, 7]
+    for threads in (1, 2, 4):
+        assert cube_loop.map(xs, threads=threads) == [ref_cube_loop(x) for x in xs]
+    assert cube_loop.map([]) == []
+
+
+# ---- square ----
+
+@pytest.mark.parametrize("x", [0, 1, -1, True, False, 3037000499, 3037000500, -(2**63), 2**63,
+                               10**30, -(10**30), 2.5, -0.0, 1e200, float("inf"),
+                               fractions.Fraction(3, 7), decimal.Decimal("1.1"), 3 + 4j])
+def test_square_values(x):
+    r, e = square(x), ref_square(x)
+    assert r == e and type(r) is type(e)
+
+
+def test_square_nan():
+    assert math.isnan(square(float("nan")))
+
+
+@given(st.one_of(st.integers(), st.floats(allow_nan=False)))
+def test_square_matches_reference(x):
+    r = square(x)
+    assert r == ref_square(x) and type(r) is type(ref_square(x))
+
+
+@pytest.mark.parametrize("bad", ["a", None, [1], object()])
+def test_square_wrong_type_same_exception(bad):
+    same_exception(lambda: square(bad), lambda: ref_square(bad))
+
+
+def test_square_map():
+    xs = [1, 2.0, 10**20, 3, True, fractions.Fraction(1, 3), -7]
+    assert square.map(xs) == [ref_square(x) for x in xs]
+    big = list(range(-100_000, 100_000)) + [1.5] * 1000 + [2**40]
+    assert square.map(big, threads=2) == [x * x for x in big]
+    assert square.map([]) == []
+    with pytest.raises(TypeError):
+        square.map([1, 2, "x"])
+
+
+# ---- weighted_multiply ----
+
+ITEMS = [("type1", i) for i in range(1, 10)] + [("type2", i) for i in range(1, 10)]
+WEIGHTS = {"type1": 2, "type2": 3}
+
+
+def test_weighted_multiply_issue_example():
+    out = weighted_multiply(ITEMS, WEIGHTS)
+    assert out[0] == ("type1", 1, 2) and out[-1] == ("type2", 9, 27)
+    assert out == ref_weighted_multiply(ITEMS, WEIGHTS)
+    assert weighted_multiply.map(ITEMS, WEIGHTS, threads=2) == out
+
+
+numbers = st.one_of(st.integers(), st.floats(allow_nan=False), st.fractions())
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), numbers), max_size=50),
+       st.fixed_dictionaries({"a": numbers, "b": numbers, "c": numbers}))
+@settings(max_examples=150, deadline=None)
+def test_weighted_multiply_matches_reference(items, weights):
+    expected = ref_weighted_multiply(items, weights)
+    assert weighted_multiply(items, weights) == expected
+    assert weighted_multiply.map(iter(items), weights, threads=3) == expected
+
+
+def test_weighted_multiply_large_parallel():
+    items = [("k%d" % (i % 7), i if i % 3 else i * 0.5) for i in range(200_000)]
+    weights = {"k%d" % j: j + 1 for j in range(7)}
+    weights["k3"] = 2**62  # products overflow int64: Python ints must come out
+    assert weighted_multiply.map(items, weights, threads=2) == ref_weighted_multiply(items, weights)
+
+
+def test_weighted_multiply_keeps_identity():
+    n = 10**40
+    out = weighted_multiply([("a", n)], {"a": 1})
+    assert out[0][1] is n
+
+
+@pytest.mark.parametrize("items", [
+    [("type1", 1), ("nope", 2)],           # KeyError
+    [("type1", 1, 3)],                     # ValueError: too many values
+    [("type1",)],                          # ValueError: not enough values
+    [5],                                   # TypeError: cannot unpack
+    [("type1", "x")],                      # valid: "x" * 2 == "xx"
+    5,                                     # TypeError: not iterable
+])
+def test_weighted_multiply_errors_match_python(items):
+    try:
+        expected = ref_weighted_multiply(items, WEIGHTS)
+    except Exception as e:
+        exc = same_exception(lambda: weighted_multiply(items, WEIGHTS),
+                             lambda: ref_weighted_multiply(items, WEIGHTS))
+        assert type(exc) is type(e)
+        with pytest.raises(type(e)):
+            weighted_multiply.map(items, WEIGHTS)
+    else:  # ("type1", "x") is valid Python: "x" * 2 == "xx"
+        assert weighted_multiply(items, WEIGHTS) == expected
+
+
+def test_weighted_multiply_generic_iterables_and_mappings():
+    class Weights:
+        def __getitem__(self, key):
+            return len(key)
+
+    items = iter([["ab", 2], iter(("abc", 3))])
+    assert weighted_multiply(items, Weights()) == [("ab", 2, 4), ("abc", 3, 9)]
+    with pytest.raises(ValueError):
+        weighted_multiply([iter(("a", 1, 2))], WEIGHTS)
+
+
+# ---- weighted_multiply_buffer ----
+
+def test_buffer_array_array():
+    a = array.array("q", [1, 2, 3])
+    assert weighted_multiply_buffer(a, array.array("q", [4, 5, 6])) == array.array("q", [4, 10, 18])
+    r = weighted_multiply_buffer(a, array.array("d", [0.5, 0.5, 0.5]))
+    assert r == array.array("d", [0.5, 1.0, 1.5])
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, 100_000])
+@pytest.mark.parametrize("da,db", [("int64", "int64"), ("int64", "float64"),
+                                   ("float64", "float64"), ("float64", "int64")])
+def test_buffer_numpy(n, da, db):
+    rng = np.random.default_rng(n)
+    a = rng.integers(-1000, 1000, n).astype(da)
+    b = rng.integers(-1000, 1000, n).astype(db)
+    r = weighted_multiply_buffer(a, b, threads=2)
+    assert isinstance(r, np.ndarray) and r.dtype == (a * b).dtype
+    np.testing.assert_array_equal(r, a * b)
+
+
+def test_buffer_out_and_in_place():
+    a = np.arange(50_000, dtype=np.float64)
+    out = np.empty_like(a)
+    assert weighted_multiply_buffer(a, a, out=out) is out
+    np.testing.assert_array_equal(out, a * a)
+    weighted_multiply_buffer(a, a, out=a)
+    np.testing.assert_array_equal(a, out)
+
+
+def test_buffer_errors():
+    a = np.arange(10, dtype=np.int64)
+    with pytest.raises(ValueError):
+        weighted_multiply_buffer(a, np.arange(11, dtype=np.int64))
+    with pytest.raises(ValueError):
+        weighted_multiply_buffer(a, a, out=np.empty(9, dtype=np.int64))
+    with pytest.raises(TypeError):
+        weighted_multiply_buffer(a.astype(np.int32), a)
+    with pytest.raises(TypeError):
+        weighted_multiply_buffer([1, 2], [3, 4])
+    with pytest.raises(TypeError):  # int inputs, float out
+        weighted_multiply_buffer(a, a, out=np.empty(10))
+    with pytest.raises(BufferError):  # read-only out
+        weighted_multiply_buffer(a, a, out=bytes(80))
+    with pytest.raises(ValueError):
+        weighted_multiply_buffer(a, a, threads=0)
+
+
+# ---- objects ----
+
+@pytest.mark.parametrize("k", [fib, cube_loop, square, weighted_multiply])
+def test_kernel_objects(k):
+    assert isinstance(k, kernels.Kernel)
+    assert pickle.loads(pickle.dumps(k)) is k
+    assert k.__name__ in repr(k) and k.__doc__
+    assert k.unary == (k is not weighted_multiply)
+
+
+def test_kernel_type_cannot_be_instantiated():
+    with pytest.raises(TypeError):
+        kernels.Kernel()
+
+
+def test_openmp_flag_is_bool():
+    assert kernels.openmp in (True, False)
+
+
+# ---- the GIL is released ----
+
+def _progress_while(fn):
+    """Iterations this thread completes while another thread runs fn()."""
+    started, done = threading.Event(), threading.Event()
+    box = {}
+
+    def target():
+        started.set()
+        box["result"] = fn()
+        done.set()
+
+    t = threading.Thread(target=target)
+    t.start()
+    started.wait()
+    count = 0
+    while not done.is_set():
+        count += 1
+    t.join()
+    return count, box["result"]
+
+
+def test_scalar_kernel_releases_the_gil():
+    # While the other thread is inside fib(40) (a quarter second or more), this thread keeps
+    # running Python. Were the GIL held, it could not run until the call returned.
+    count, result = _progress_while(lambda: fib(40))
+    assert result == ref_fib(40)
+    assert count > 10_000
+
+
+def test_bulk_kernel_releases_the_gil():
+    count, result = _progress_while(lambda: fib.map([38, 38, 38, 38], threads=2))
+    assert result == [ref_fib(38)] * 4
+    assert count > 10_000
