@@ -28,7 +28,7 @@ PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X) X(KernelType)
+#define PP_STATE_OBJECTS(X) X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType)
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -61,5 +61,11 @@ int pp_threads_arg(PyObject *module, PyObject *arg);
 /* ---- kernels.c ---- */
 int pp_kernels_exec(PyObject *module, pp_state *st);
 extern PyMethodDef pp_kernels_methods[];
+
+/* ---- shm.c: shared segments and typed views with atomics ---- */
+int pp_shm_exec(PyObject *module, pp_state *st);
+
+/* ---- sync.c: process-shared locks and semaphores ---- */
+int pp_sync_exec(PyObject *module, pp_state *st);
 
 #endif /* PP_H */
