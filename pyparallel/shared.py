@@ -328,15 +328,7 @@ def _rebuild_synchronized(cls, obj, lock):
 
 
 class Synchronized(SynchronizedBase):
-    @property
-    def value(self):
-        with self._lock:
-            return self._obj.value
-
-    @value.setter
-    def value(self, v):
-        with self._lock:
-            self._obj.value = v
+    """``.value`` (from SharedView, in C) reads and writes under the lock."""
 
 
 class SynchronizedArray(SynchronizedBase):

@@ -67,5 +67,10 @@ int pp_shm_exec(PyObject *module, pp_state *st);
 
 /* ---- sync.c: process-shared locks and semaphores ---- */
 int pp_sync_exec(PyObject *module, pp_state *st);
+/* 1 when `o` is a pyparallel SemLock (then pp_lock_enter/exit may take fast=1). */
+int pp_is_semlock(PyObject *o);
+/* Acquires (blocking) / releases `lock`: 0 or 1 on success, -1 with an exception set. */
+int pp_lock_enter(PyObject *lock, int fast);
+int pp_lock_exit(PyObject *lock, int fast);
 
 #endif /* PP_H */

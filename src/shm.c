@@ -315,6 +315,10 @@ typedef struct {
     int scalar; /* a Value (0-d buffer, no index argument) rather than an Array */
     char code;  /* struct/array typecode of an item */
     char format[2];
+    int fast_lock;        /* lock is a pyparallel SemLock: taken without a Python call */
+    PyObject *obj;        /* the ctypes object whose .value the `value` property reads */
+    PyObject *lock;       /* the lock of a synchronized wrapper, or NULL */
+    PyObject *value_name; /* interned "value" */
 } SharedViewObject;
 
 /* Item size for an array-module typecode on this platform, 0 when unknown. */
@@ -400,12 +404,17 @@ SharedView_traverse(SharedViewObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->seg_view.obj);
+    Py_VISIT(self->obj);
+    Py_VISIT(self->lock);
     return 0;
 }
 
 static int
 SharedView_clear(SharedViewObject *self)
 {
+    Py_CLEAR(self->obj);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->value_name);
     if (self->seg_view.obj != NULL) {
         PyBuffer_Release(&self->seg_view);
     }
@@ -710,7 +719,94 @@ SharedView_get_typecode(SharedViewObject *self, void *Py_UNUSED(closure))
     return PyUnicode_FromStringAndSize(&self->code, 1);
 }
 
+static PyObject *
+SharedView_get_obj(SharedViewObject *self, void *Py_UNUSED(closure))
+{
+    if (self->obj == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_obj");
+        return NULL;
+    }
+    return Py_NewRef(self->obj);
+}
+
+static int
+SharedView_set_obj(SharedViewObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (self->value_name == NULL) {
+        self->value_name = PyUnicode_InternFromString("value");
+        if (self->value_name == NULL) {
+            return -1;
+        }
+    }
+    Py_XSETREF(self->obj, Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+SharedView_get_lock(SharedViewObject *self, void *Py_UNUSED(closure))
+{
+    if (self->lock == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_lock");
+        return NULL;
+    }
+    return Py_NewRef(self->lock);
+}
+
+static int
+SharedView_set_lock(SharedViewObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    self->fast_lock = value != NULL && pp_is_semlock(value);
+    Py_XSETREF(self->lock, Py_XNewRef(value));
+    return 0;
+}
+
+/* .value of a synchronized wrapper: the ctypes object's value, read under the lock (as
+ * multiprocessing's Synchronized does, without two Python-level calls per access). */
+static PyObject *
+SharedView_get_value(SharedViewObject *self, void *Py_UNUSED(closure))
+{
+    if (self->obj == NULL || self->lock == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "value");
+        return NULL;
+    }
+    PyObject *lock = Py_NewRef(self->lock);
+    if (pp_lock_enter(lock, self->fast_lock) < 0) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    PyObject *py_v = PyObject_GetAttr(self->obj, self->value_name);
+    if (pp_lock_exit(lock, self->fast_lock) < 0) {
+        Py_CLEAR(py_v);
+    }
+    Py_DECREF(lock);
+    return py_v;
+}
+
+static int
+SharedView_set_value(SharedViewObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (self->obj == NULL || self->lock == NULL || value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot set or delete value");
+        return -1;
+    }
+    PyObject *lock = Py_NewRef(self->lock);
+    if (pp_lock_enter(lock, self->fast_lock) < 0) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    int r = PyObject_SetAttr(self->obj, self->value_name, value);
+    if (pp_lock_exit(lock, self->fast_lock) < 0) {
+        r = -1;
+    }
+    Py_DECREF(lock);
+    return r;
+}
+
 static PyGetSetDef SharedView_getset[] = {
+    {"_obj", (getter)SharedView_get_obj, (setter)SharedView_set_obj, "the ctypes object", NULL},
+    {"_lock", (getter)SharedView_get_lock, (setter)SharedView_set_lock, "the lock", NULL},
+    {"value", (getter)SharedView_get_value, (setter)SharedView_set_value,
+     "the value, read and written under the lock", NULL},
     {"_segment", (getter)SharedView_get_segment, NULL, "the Segment this view is on", NULL},
     {"_offset", (getter)SharedView_get_offset, NULL, "byte offset in the segment", NULL},
     {"_typecode", (getter)SharedView_get_typecode, NULL, "typecode of an item", NULL},

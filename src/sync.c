@@ -14,6 +14,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -172,6 +173,31 @@ pp_sem_wait(pp_semstate *s, int kind, uint32_t me, long long deadline, int *aban
 
 /* ---- SemLock ---- */
 
+/* This process's pid, cached: getpid() is a system call and every acquire and release needs
+ * the pid. Truly process-wide (a pid belongs to the process, not to a module instance), so a
+ * static, reset in the child by a pthread_atfork handler installed once. */
+static _Atomic uint32_t pp_cached_pid;
+static pthread_once_t pp_pid_once = PTHREAD_ONCE_INIT;
+
+static void
+pp_pid_reset(void)
+{
+    atomic_store_explicit(&pp_cached_pid, (uint32_t)getpid(), memory_order_relaxed);
+}
+
+static void
+pp_pid_init(void)
+{
+    pp_pid_reset();
+    (void)pthread_atfork(NULL, NULL, pp_pid_reset);
+}
+
+static inline uint32_t
+pp_getpid(void)
+{
+    return atomic_load_explicit(&pp_cached_pid, memory_order_relaxed);
+}
+
 static uint64_t
 pp_tid(void)
 {
@@ -182,8 +208,8 @@ static int
 pp_is_mine(SemLockObject *self)
 {
     return self->kind != PP_KIND_SEMAPHORE &&
-           atomic_load(&self->s->word) == (uint32_t)getpid() &&
-           atomic_load(&self->s->owner_tid) == pp_tid();
+           atomic_load_explicit(&self->s->word, memory_order_relaxed) == pp_getpid() &&
+           atomic_load_explicit(&self->s->owner_tid, memory_order_relaxed) == pp_tid();
 }
 
 /* SemLock(segment, offset, kind, value, maxvalue, create) */
@@ -283,11 +309,11 @@ static int
 pp_semlock_acquire(SemLockObject *self, int block, double timeout)
 {
     pp_semstate *s = self->s;
-    uint32_t me = (uint32_t)getpid();
+    uint32_t me = pp_getpid();
     uint64_t tid = pp_tid();
-    if (self->kind == PP_KIND_RLOCK && atomic_load(&s->word) == me &&
-        atomic_load(&s->owner_tid) == tid) {
-        atomic_fetch_add(&s->count, 1);
+    if (self->kind == PP_KIND_RLOCK && atomic_load_explicit(&s->word, memory_order_relaxed) == me &&
+        atomic_load_explicit(&s->owner_tid, memory_order_relaxed) == tid) {
+        atomic_fetch_add_explicit(&s->count, 1, memory_order_relaxed);
         return 1;
     }
     int abandoned = 0;
@@ -324,8 +350,8 @@ pp_semlock_acquire(SemLockObject *self, int block, double timeout)
         return 0;
     }
     if (self->kind != PP_KIND_SEMAPHORE) {
-        atomic_store(&s->owner_tid, tid);
-        atomic_store(&s->count, 1);
+        atomic_store_explicit(&s->owner_tid, tid, memory_order_relaxed);
+        atomic_store_explicit(&s->count, 1, memory_order_relaxed);
     }
     self->abandoned = abandoned;
     return 1;
@@ -337,12 +363,34 @@ PyDoc_STRVAR(SemLock_acquire_doc,
              "expires. A lock whose owner died is taken over (see .abandoned).");
 
 static PyObject *
-SemLock_acquire(SemLockObject *self, PyObject *args, PyObject *kwds)
+SemLock_acquire(SemLockObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     int block = 1;
     PyObject *py_timeout = Py_None;
-    static char *kwlist[] = {"block", "timeout", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|pO:acquire", kwlist, &block, &py_timeout)) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "acquire() takes at most 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *py_block = nargs > 0 ? args[0] : NULL;
+    py_timeout = nargs > 1 ? args[1] : Py_None;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k); /* borrowed */
+        PyObject *val = args[nargs + k];              /* borrowed */
+        if (PyUnicode_CompareWithASCIIString(key, "block") == 0 && py_block == NULL) {
+            py_block = val;
+        }
+        else if (PyUnicode_CompareWithASCIIString(key, "timeout") == 0 && nargs < 2) {
+            py_timeout = val;
+        }
+        else {
+            PyErr_Format(PyExc_TypeError, "acquire() got an unexpected keyword argument '%U'",
+                         key);
+            return NULL;
+        }
+    }
+    if (py_block != NULL && (block = PyObject_IsTrue(py_block)) < 0) {
         return NULL;
     }
     if (!pp_semlock_ready(self)) {
@@ -376,16 +424,16 @@ pp_semlock_release(SemLockObject *self)
                             "attempt to release recursive lock not owned by thread");
             return -1;
         }
-        if (atomic_fetch_sub(&s->count, 1) > 1) {
+        if (atomic_fetch_sub_explicit(&s->count, 1, memory_order_relaxed) > 1) {
             return 0;
         }
-        atomic_store(&s->owner_tid, 0);
-        atomic_store(&s->word, 0);
+        atomic_store_explicit(&s->owner_tid, 0, memory_order_relaxed);
+        atomic_exchange(&s->word, 0); /* full barrier before reading waiters */
     }
     else if (self->kind == PP_KIND_LOCK) {
         /* As with multiprocessing.Lock, any thread or process may release it. */
-        atomic_store(&s->owner_tid, 0);
-        atomic_store(&s->count, 0);
+        atomic_store_explicit(&s->owner_tid, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->count, 0, memory_order_relaxed);
         if (atomic_exchange(&s->word, 0) == 0) {
             PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
             return -1;
@@ -530,8 +578,45 @@ SemLock_get_offset(SemLockObject *self, void *Py_UNUSED(closure))
     return PyLong_FromSsize_t((char *)self->s - (char *)self->seg_view.buf);
 }
 
+/* ---- for shm.c: a synchronized value takes its lock without a Python-level call ---- */
+
+int
+pp_is_semlock(PyObject *o)
+{
+    PyObject *mod = PyType_GetModuleByDef(Py_TYPE(o), &pp_moduledef); /* borrowed */
+    if (mod == NULL) {
+        PyErr_Clear(); /* not one of ours: the caller uses the generic protocol */
+        return 0;
+    }
+    return PyObject_TypeCheck(o, (PyTypeObject *)pp_get_state(mod)->SemLockType);
+}
+
+int
+pp_lock_enter(PyObject *lock, int fast)
+{
+    if (fast) {
+        SemLockObject *self = (SemLockObject *)lock;
+        return pp_semlock_ready(self) ? pp_semlock_acquire(self, 1, -1.0) : -1;
+    }
+    PyObject *r = PyObject_CallMethod(lock, "__enter__", NULL);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 1;
+}
+
+int
+pp_lock_exit(PyObject *lock, int fast)
+{
+    if (fast) {
+        SemLockObject *self = (SemLockObject *)lock;
+        return pp_semlock_ready(self) ? pp_semlock_release(self) : -1;
+    }
+    PyObject *r = PyObject_CallMethod(lock, "__exit__", "OOO", Py_None, Py_None, Py_None);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
 static PyMethodDef SemLock_methods[] = {
-    {"acquire", (PyCFunction)(void (*)(void))SemLock_acquire, METH_VARARGS | METH_KEYWORDS,
+    {"acquire", (PyCFunction)(void (*)(void))SemLock_acquire, METH_FASTCALL | METH_KEYWORDS,
      SemLock_acquire_doc},
     {"release", (PyCFunction)SemLock_release, METH_NOARGS, SemLock_release_doc},
     {"__enter__", (PyCFunction)SemLock_enter, METH_NOARGS, "Acquires the lock."},
@@ -579,6 +664,7 @@ static PyType_Spec SemLock_spec = {
 int
 pp_sync_exec(PyObject *module, pp_state *st)
 {
+    (void)pthread_once(&pp_pid_once, pp_pid_init);
     st->SemLockType = PyType_FromModuleAndSpec(module, &SemLock_spec, NULL);
     if (st->SemLockType == NULL || PyModule_AddObjectRef(module, "SemLock", st->SemLockType) < 0) {
         return -1;
