@@ -237,3 +237,11 @@ def test_no_leaks_after_processes():
     del o, big, p
     gc.collect()
     assert _memfds() <= before + 1
+
+
+def test_bank_account_demo_rows():
+    rows = pp.shared.bank_account_demo(processes=2, deposits=5000)
+    assert [r[0] for r in rows] == ["no lock", "with Lock", "atomic add"]
+    for name, seconds, total, expected in rows:
+        assert expected == 10000 and seconds > 0
+        assert total == expected if name != "no lock" else 0 < total <= expected
