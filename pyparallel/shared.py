@@ -211,6 +211,8 @@ def _shared_type(t):
         ns = {"__reduce__": _reduce_raw, "_pp_base": t, "__module__": t.__module__}
         for name in _ATOMIC_NAMES:
             ns[name] = _atomic(name)
+        if isinstance(getattr(t, "_type_", None), str) and not issubclass(t, ctypes.Array):
+            ns["__repr__"] = lambda self: "%s(%r)" % (t.__name__, self.value)   # as ctypes
         st = type(t.__name__, (t,), ns)
         _shared_types[t] = st
     return st
@@ -285,7 +287,33 @@ def synchronized(obj, lock=None, ctx=None):
         if base._type_ is ctypes.c_char:
             return SynchronizedString(obj, lock)
         return SynchronizedArray(obj, lock)
+    if issubclass(base, ctypes.Structure):
+        return _synchronized_struct_class(base)(obj, lock)
     return Synchronized(obj, lock)
+
+
+_struct_classes = {}
+
+
+def _synchronized_struct_class(base):
+    """A Synchronized subclass with one locked property per field (as multiprocessing)."""
+    cls = _struct_classes.get(base)
+    if cls is None:
+        ns = {}
+        for field in base._fields_:
+            name = field[0]
+
+            def get(self, name=name):
+                with self._lock:
+                    return getattr(self._obj, name)
+
+            def set_(self, value, name=name):
+                with self._lock:
+                    setattr(self._obj, name, value)
+
+            ns[name] = property(get, set_)
+        cls = _struct_classes[base] = type("Synchronized" + base.__name__, (Synchronized,), ns)
+    return cls
 
 
 class SynchronizedBase(_core.SharedView):
@@ -311,7 +339,7 @@ class SynchronizedBase(_core.SharedView):
         return self._lock.__exit__(*args)
 
     def __reduce__(self):
-        return (_rebuild_synchronized, (type(self), self._obj, self._lock))
+        return (synchronized, (self._obj, self._lock))
 
     def get_obj(self):
         return self._obj
@@ -321,10 +349,6 @@ class SynchronizedBase(_core.SharedView):
 
     def __repr__(self):
         return "<%s wrapper for %s>" % (type(self).__name__, self._obj)
-
-
-def _rebuild_synchronized(cls, obj, lock):
-    return cls(obj, lock)
 
 
 class Synchronized(SynchronizedBase):

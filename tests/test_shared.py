@@ -79,6 +79,14 @@ class Point(ctypes.Structure):
     _fields_ = [("x", ctypes.c_double), ("y", ctypes.c_double)]
 
 
+def test_synchronized_structure_fields():
+    p = pp.Value(Point, 1.0, 2.0)
+    assert (p.x, p.y) == (1.0, 2.0)
+    p.x = 3.0
+    q = pickle.loads(pickle.dumps(p))
+    assert q.x == 3.0 and q.get_lock() is not None and type(q) is type(p)
+
+
 def test_structure_value_pickles():
     p = pp.RawValue(Point, 1.0, 2.0)
     q = pickle.loads(pickle.dumps(p))

@@ -91,6 +91,34 @@ def test_process_inheritance_fork():
     _check(o, 1)
 
 
+def _waiter(cond, flag, ev, out):
+    with cond:
+        ok = cond.wait_for(lambda: flag.value == 1, timeout=20)
+    out.store(1 if ok else -1)
+    out.add(10 if ev.wait(20) else 0)
+
+
+def test_cross_process_wait_notify(shm_context):
+    """Condition.wait_for and Event.wait really block in the child until the parent acts."""
+    cond, flag, ev, out = pp.Condition(), pp.Value("i", 0), pp.Event(), pp.Value("i", 0)
+    p = shm_context.Process(target=_waiter, args=(cond, flag, ev, out))
+    p.start()
+    deadline = time.monotonic() + 20
+    while cond._sleeping_count.get_value() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)        # the child is asleep in wait()
+    assert out.value == 0
+    with cond:
+        flag.value = 1
+        cond.notify_all()
+    while out.value == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert out.value == 1       # woke on notify; now blocked on the event
+    ev.set()
+    p.join(20)
+    assert p.exitcode == 0 and out.value == 11
+
+
 def _pool_task(payload):
     o, tag = pickle.loads(payload)
     return _use_all(o, tag)
