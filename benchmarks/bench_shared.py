@@ -4,7 +4,8 @@ Workloads
   W6 counter   2 processes x 20,000 increments of one shared counter:
                multiprocessing Value + Lock | pyparallel Value + Lock | pyparallel atomic add.
                Timed inside the workers (first start to last end, perf_counter is
-               CLOCK_MONOTONIC, common to all processes); final values checked exact.
+               CLOCK_MONOTONIC, common to all processes; the workers spin until all have
+               arrived, so they really overlap); final values checked exact.
   W5 arrays    32 x 4 MiB float64 arrays through a 2-worker Pool, each task reading the whole
                array (np.sum): pickled numpy arrays versus pyparallel RawArrays sent by handle
                (pickled with protocol 5 in the parent, unpickled in the worker: same memory, no
@@ -35,8 +36,17 @@ CTX = mp.get_context("fork")
 # ------------------------------------------------------------------------------------------
 # W6 counter
 
+def _start_together(go):
+    """Spin until every worker has arrived (an Event wakes sleepers milliseconds apart, which
+    would let short runs finish before the others start, hiding contention)."""
+    ready, nprocs = go
+    ready.add(1)
+    while ready.load() < nprocs:
+        pass
+
+
 def _count_worker(kind, v, lk, n, times, slot, go):
-    go.wait()
+    _start_together(go)
     t0 = time.perf_counter()
     if kind == "atomic":
         add = v.add
@@ -57,14 +67,12 @@ def run_counter(kind, nprocs, n):
         v = pp.Value("q", 0)
     lk = v.get_lock()
     times = mp.RawArray("d", 2 * nprocs)
-    go = mp.Event()
+    go = (pp.RawValue("i", 0), nprocs)
     ps = [CTX.Process(target=_count_worker, args=("atomic" if kind == "pp-atomic" else "lock",
                                                  v, lk, n, times, i, go))
           for i in range(nprocs)]
     for p in ps:
         p.start()
-    time.sleep(0.05)
-    go.set()
     for p in ps:
         p.join()
     assert all(p.exitcode == 0 for p in ps)
@@ -101,7 +109,7 @@ def run_arrays(pool, kind, arrays):
 # lock round trips
 
 def _lock_loop(lk, n, times, slot, go):
-    go.wait()
+    _start_together(go)
     t0 = time.perf_counter()
     acq, rel = lk.acquire, lk.release
     for _ in range(n):
@@ -114,16 +122,13 @@ def _lock_loop(lk, n, times, slot, go):
 def run_lock(kind, nprocs, n):
     lk = mp.Lock() if kind == "mp" else pp.Lock()
     times = mp.RawArray("d", 2 * nprocs)
-    go = mp.Event()
+    go = (pp.RawValue("i", 0), nprocs)
     if nprocs == 1:
-        go.set()
         _lock_loop(lk, n, times, 0, go)
     else:
         ps = [CTX.Process(target=_lock_loop, args=(lk, n, times, i, go)) for i in range(nprocs)]
         for p in ps:
             p.start()
-        time.sleep(0.05)
-        go.set()
         for p in ps:
             p.join()
     return nprocs * n / (max(times[1::2]) - min(times[0::2]))
