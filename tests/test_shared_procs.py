@@ -273,3 +273,25 @@ def test_bank_account_demo_rows():
     for name, seconds, total, expected in rows:
         assert expected == 10000 and seconds > 0
         assert total == expected if name != "no lock" else 0 < total <= expected
+
+
+def _attach_and_count(payloads):
+    before = _memfds()      # a forked worker has inherited the parent's segments already
+    objs = [pickle.loads(p) for p in payloads]
+    attached = _memfds() - before
+    total = sum(float(np.asarray(o).sum()) for o in objs)
+    del objs
+    gc.collect()
+    return attached, _memfds() - before, total
+
+
+def test_pool_workers_release_segments(shm_context):
+    """A worker maps what it unpickles and lets go of it when the objects are dropped."""
+    arrays = [pp.RawArray("d", 1 << 15) for _ in range(6)]
+    for a in arrays:
+        np.asarray(a)[:] = 1.0
+    payloads = [pickle.dumps(a) for a in arrays]
+    with shm_context.Pool(1) as pool:
+        attached, after, total = pool.apply(_attach_and_count, (payloads,))
+    assert after == 0 and total == 6 * (1 << 15)
+    assert attached == (0 if shm_context.get_start_method() == "fork" else 6)
