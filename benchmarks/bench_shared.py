@@ -7,7 +7,7 @@ Workloads
                CLOCK_MONOTONIC, common to all processes; the workers spin until all have
                arrived, so they really overlap); final values checked exact.
   W5 arrays    32 x 4 MiB float64 arrays through a 2-worker Pool, each task reading the whole
-               array (np.sum): pickled numpy arrays versus pyparallel RawArrays sent by handle
+               array (np.sum): pickled numpy arrays versus pyparallel Arrays sent by handle
                (pickled with protocol 5 in the parent, unpickled in the worker: same memory, no
                copy). multiprocessing.Pool for both sides (the handle path is what is measured).
   lock         acquire/release round trip, uncontended (1 process) and contended (2 processes).
@@ -173,7 +173,7 @@ def main(argv=None):
     np_arrays = [np.full(items, float(i)) for i in range(count)]
     pp_arrays = []
     for i in range(count):
-        a = pp.RawArray("d", items)
+        a = pp.Array("d", items)           # synchronized; numpy sees it through SharedView
         np.asarray(a)[:] = float(i)
         pp_arrays.append(a)
     with mp.get_context("fork").Pool(2) as pool:
