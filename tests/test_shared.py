@@ -425,3 +425,32 @@ def test_no_leaked_segments_or_fds():
         assert _memfds() <= before + 1
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) <= shm_before
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(code=st.sampled_from(list("bBhHiIlLqQ")), start=st.integers(), deltas=st.lists(
+    st.integers(min_value=-(2**63), max_value=2**64 - 1), max_size=8))
+def test_atomic_add_matches_modular_arithmetic(code, start, deltas):
+    import array
+
+    bits = array.array(code).itemsize * 8
+    signed = code.islower()
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+    def wrap(x):
+        x %= 2**bits
+        return x - 2**bits if signed and x > hi else x
+
+    v = pp.Value(code, wrap(start))
+    expect = wrap(start)
+    for d in deltas:
+        if lo <= d <= hi:
+            expect = wrap(expect + d)
+            assert v.add(d) == expect
+        else:
+            with pytest.raises(OverflowError):
+                v.add(d)
+    assert v.value == v.load() == expect

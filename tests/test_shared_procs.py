@@ -295,3 +295,18 @@ def test_pool_workers_release_segments(shm_context):
         attached, after, total = pool.apply(_attach_and_count, (payloads,))
     assert after == 0 and total == 6 * (1 << 15)
     assert attached == (0 if shm_context.get_start_method() == "fork" else 6)
+
+
+def _add_one(v):
+    return v.add(1)
+
+
+def test_pool_map_direct_where_multiprocessing_refuses(shm_context):
+    """Passed straight to Pool.map (pickled by multiprocessing itself): multiprocessing's own
+    Value is refused, pyparallel's travels as a handle."""
+    with shm_context.Pool(2) as pool:
+        with pytest.raises(RuntimeError, match="inheritance"):
+            pool.map(_add_one, [mp.Value("i", 0)])
+        v = pp.Value("i", 0)
+        assert sorted(pool.map(_add_one, [v] * 8)) == list(range(1, 9))
+        assert v.value == 8
