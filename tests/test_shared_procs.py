@@ -310,3 +310,32 @@ def test_pool_map_direct_where_multiprocessing_refuses(shm_context):
         v = pp.Value("i", 0)
         assert sorted(pool.map(_add_one, [v] * 8)) == list(range(1, 9))
         assert v.value == 8
+
+
+def _outlive(a, attached, go):
+    n = np.asarray(a)
+    attached.set()
+    assert go.wait(20)
+    assert (n == 7).all()       # still intact after the creator dropped every reference
+    n[:] = 9
+
+
+def test_segment_outlives_its_creator_reference(shm_context):
+    """Freed when the last process using it lets go, not when the creator drops it."""
+    a = pp.RawArray("i", 1 << 15)           # a segment of its own
+    np.asarray(a)[:] = 7
+    attached, go = pp.Event(), pp.Event()
+    p = shm_context.Process(target=_outlive, args=(a, attached, go))
+    p.start()
+    assert attached.wait(20)
+    del a
+    gc.collect()
+    go.set()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+def test_empty_arrays():
+    a, r = pp.Array("i", 0), pp.RawArray("d", [])
+    assert len(a) == 0 and a[:] == [] and np.asarray(a).shape == (0,) and r[:] == []
+    assert pickle.loads(pickle.dumps(a))[:] == []
