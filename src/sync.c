@@ -31,6 +31,7 @@
 #define PP_SEM_VALUE_MAX INT_MAX
 #define PP_SLICE_NS 50000000LL /* 50 ms: signal checks and owner liveness checks */
 #define PP_SPINS 64
+#define PP_TIMEOUT_MAX 1e9 /* seconds; keeps the deadline in a long long of ns */
 
 /* The shared state; 64 bytes are reserved for it by the Python side. */
 typedef struct {
@@ -402,8 +403,15 @@ SemLock_acquire(SemLockObject *self, PyObject *const *args, Py_ssize_t nargsf, P
         if (timeout == -1.0 && PyErr_Occurred()) {
             return NULL;
         }
+        if (timeout != timeout) {
+            PyErr_SetString(PyExc_ValueError, "timeout must not be NaN");
+            return NULL;
+        }
         if (timeout < 0) {
             timeout = 0;
+        }
+        if (timeout > PP_TIMEOUT_MAX) { /* beyond ~31 years: the same as waiting forever */
+            timeout = -1.0;
         }
     }
     int r = pp_semlock_acquire(self, block, timeout);

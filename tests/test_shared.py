@@ -242,6 +242,18 @@ def test_lock_semantics():
         pass
     with pytest.raises(ValueError):
         lk.release()
+    lk.acquire()
+    threading.Timer(0.05, lk.release).start()
+    assert lk.acquire(timeout=1e300) is True    # huge timeouts mean "forever", no overflow
+    with pytest.raises(ValueError):
+        lk.acquire(timeout=float("nan"))
+    with pytest.raises(TypeError):
+        lk.acquire(timeout="1")
+    with pytest.raises(TypeError):
+        lk.acquire(True, 1, 2)
+    lk.release()
+    assert lk.acquire(block=False, timeout=5) is True   # timeout ignored when not blocking
+    lk.release()
 
 
 def test_lock_release_by_other_thread_allowed():
