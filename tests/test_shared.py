@@ -466,3 +466,19 @@ def test_atomic_add_matches_modular_arithmetic(code, start, deltas):
             with pytest.raises(OverflowError):
                 v.add(d)
     assert v.value == v.load() == expect
+
+
+def test_cloudpickle_by_handle_including_closures():
+    """pyparallel.Pool pickles with cloudpickle: objects and closures over them keep the handle."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    objs = [pp.Value("i", 1), pp.Array("d", 3), pp.RawValue("q"), pp.RawArray("i", 2), pp.Lock(),
+            pp.RLock(), pp.Semaphore(2), pp.BoundedSemaphore(), pp.Event(), pp.Condition(),
+            pp.Barrier(2), pp.Array("c", b"ab")]
+    for o in objs:
+        data = cloudpickle.dumps(o, protocol=5)
+        assert len(data) < 1000             # a handle, not the data
+        assert type(pickle.loads(data)).__name__ == type(o).__name__
+    v = objs[0]
+    f = pickle.loads(cloudpickle.dumps(lambda: v.add(1)))
+    f()
+    assert v.value == 2
