@@ -14,7 +14,11 @@ Workloads
 
 Method: each case runs --repeats times (after one warm-up); the table shows the median and the
 spread (min-max). Caveats: a small, shared machine gives noisy timings; contended results depend
-heavily on the scheduler. Usage: python benchmarks/bench_shared.py [--quick] [--json PATH]
+heavily on the scheduler. W6 is bimodal on a busy 2-CPU machine: when the two workers really
+run at once, multiprocessing's Value+Lock collapses under contention (~0.8M ops/s here) while
+atomic adds reach ~30M ops/s (~40x); when other load leaves them one CPU, they take turns, the
+lock is uncontended (~2.4M ops/s) and the atomic ratio drops to ~7-10x. Run it on a quiet
+machine. Usage: python benchmarks/bench_shared.py [--quick] [--json PATH]
 """
 import argparse
 import json
