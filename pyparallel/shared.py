@@ -55,7 +55,8 @@ from . import _core
 __all__ = [
     "Value", "Array", "RawValue", "RawArray",
     "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Condition", "Event", "Barrier",
-    "Synchronized", "SynchronizedArray", "SynchronizedString", "bank_account_demo",
+    "Synchronized", "SynchronizedArray", "SynchronizedString", "synchronized", "copy",
+    "bank_account_demo",
 ]
 
 typecode_to_type = {
@@ -276,6 +277,13 @@ def Array(typecode_or_type, size_or_initializer, *, lock=True, ctx=None):
     return synchronized(obj, lock)
 
 
+def copy(obj):
+    """A new shared object with the contents of ctypes object `obj` (as sharedctypes.copy)."""
+    new_obj = _new_value(getattr(type(obj), "_pp_base", type(obj)))
+    ctypes.pointer(new_obj)[0] = obj
+    return new_obj
+
+
 def synchronized(obj, lock=None, ctx=None):
     """Wraps a shared ctypes object with a lock (as multiprocessing.sharedctypes.synchronized)."""
     if lock is None:
@@ -319,7 +327,7 @@ def _synchronized_struct_class(base):
 class SynchronizedBase(_core.SharedView):
     """A shared ctypes object plus its lock; the buffer and atomics come from SharedView."""
 
-    def __new__(cls, obj, lock=None):
+    def __new__(cls, obj, lock=None, ctx=None):
         seg, off = obj._pp_where
         code, length, scalar = _view_code(type(obj)._pp_base)
         self = super().__new__(cls, seg, off, code, length, scalar)
@@ -329,7 +337,7 @@ class SynchronizedBase(_core.SharedView):
         self.release = self._lock.release
         return self
 
-    def __init__(self, obj, lock=None):
+    def __init__(self, obj, lock=None, ctx=None):
         pass
 
     def __enter__(self):

@@ -68,6 +68,18 @@ def test_lock_variants():
     assert not lk._is_mine()
 
 
+def test_copy_and_synchronized_like_sharedctypes():
+    r = pp.RawArray("i", [1, 2, 3])
+    c = shared.copy(r)
+    c[0] = 9
+    assert r[:] == [1, 2, 3] and c[:] == [9, 2, 3]
+    assert pickle.loads(pickle.dumps(c))[:] == [9, 2, 3]
+    s = shared.synchronized(c)
+    assert isinstance(s, shared.SynchronizedArray) and s[0] == 9
+    with pytest.raises(TypeError):
+        shared.synchronized(ctypes.c_int(1))   # not in shared memory
+
+
 def test_raw_are_ctypes():
     r = pp.RawArray("d", 4)
     assert isinstance(r, ctypes.Array) and r._length_ == 4 and r[:] == [0.0] * 4
