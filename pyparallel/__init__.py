@@ -2,6 +2,8 @@
 
 - :mod:`pyparallel.kernels`: native kernels (fib, cube_loop, square, weighted_multiply)
   that release the GIL, with bulk ``.map`` forms on a thread team.
+- :mod:`pyparallel.shared`: Value, Array, RawValue, RawArray and process-shared locks
+  (drop-ins for multiprocessing's) with atomics, zero-copy numpy and pickling by handle.
 - :func:`cpu_count`: the CPUs this process may really use (affinity and cgroup quotas).
 """
 from . import _core
@@ -16,7 +18,13 @@ if _core.__version__ != __version__:  # a stale build in the tree: refuse to run
 
 from . import kernels  # noqa: E402
 from ._cpu import cpu_count, default_threads  # noqa: E402
+from .shared import (  # noqa: E402
+    Array, Barrier, BoundedSemaphore, Condition, Event, Lock, RawArray, RawValue, RLock,
+    Semaphore, Value,
+)
 
 _core.set_default_threads(default_threads())
 
 __all__ = ["kernels", "cpu_count", "__version__"]
+__all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
+            "BoundedSemaphore", "Barrier", "Event", "Condition"]

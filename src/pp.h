@@ -28,7 +28,7 @@ PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X) X(KernelType)
+#define PP_STATE_OBJECTS(X) X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType)
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -61,5 +61,16 @@ int pp_threads_arg(PyObject *module, PyObject *arg);
 /* ---- kernels.c ---- */
 int pp_kernels_exec(PyObject *module, pp_state *st);
 extern PyMethodDef pp_kernels_methods[];
+
+/* ---- shm.c: shared segments and typed views with atomics ---- */
+int pp_shm_exec(PyObject *module, pp_state *st);
+
+/* ---- sync.c: process-shared locks and semaphores ---- */
+int pp_sync_exec(PyObject *module, pp_state *st);
+/* 1 when `o` is a pyparallel SemLock (then pp_lock_enter/exit may take fast=1). */
+int pp_is_semlock(PyObject *o);
+/* Acquires (blocking) / releases `lock`: 0 or 1 on success, -1 with an exception set. */
+int pp_lock_enter(PyObject *lock, int fast);
+int pp_lock_exit(PyObject *lock, int fast);
 
 #endif /* PP_H */

@@ -1,0 +1,341 @@
+"""pyparallel.shared across processes: every type through multiprocessing.Process (as
+arguments under fork/forkserver/spawn, and inherited under fork), through Pool tasks as
+explicitly pickled handles, robust (abandoned) lock recovery, and no leaked segments."""
+import gc
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import pyparallel as pp
+
+METHODS = [m for m in ("fork", "forkserver", "spawn") if m in mp.get_all_start_methods()]
+
+
+@pytest.fixture(params=METHODS)
+def shm_context(request):
+    return mp.get_context(request.param)
+
+
+def _objects():
+    return dict(
+        value=pp.Value("i", 0), array=pp.Array("d", 8), rawvalue=pp.RawValue("q", 0),
+        rawarray=pp.RawArray("i", 4), string=pp.Array("c", b"....."),
+        lock=pp.Lock(), rlock=pp.RLock(), sem=pp.Semaphore(0), bsem=pp.BoundedSemaphore(1),
+        event=pp.Event(), cond=pp.Condition(), barrier=pp.Barrier(2, timeout=20),
+    )
+
+
+def _use_all(o, tag):
+    """Runs in another process: touches every object, so the parent can check each one."""
+    with o["lock"]:
+        o["value"].value += 1
+    o["value"].add(10)
+    with o["rlock"]:
+        with o["rlock"]:
+            o["array"][tag] = 1.5 + tag
+            np.asarray(o["array"])[7] += 1  # zero-copy view in the child too
+    o["rawvalue"].add(100)
+    o["rawarray"][tag] = tag + 1
+    o["string"][tag] = b"x"
+    o["sem"].release()
+    assert o["bsem"].acquire(timeout=20)
+    o["bsem"].release()
+    assert o["event"].wait(20)
+    with o["cond"]:
+        o["cond"].notify_all()
+    o["barrier"].wait()
+    return tag
+
+
+def _child(o, tag):
+    _use_all(o, tag)
+
+
+def _check(o, n):
+    assert o["value"].value == 11 * n
+    assert [o["array"][t] for t in range(n)] == [1.5 + t for t in range(n)]
+    assert o["array"][7] == n
+    assert o["rawvalue"].value == 100 * n
+    assert list(o["rawarray"][:n]) == list(range(1, n + 1))
+    assert o["string"].value[:n] == b"x" * n
+    assert o["sem"].get_value() == n
+    assert o["bsem"].get_value() == 1
+
+
+def test_process_arguments_every_type(shm_context):
+    o = _objects()
+    o["event"].set()
+    p = shm_context.Process(target=_child, args=(o, 0))
+    p.start()
+    o["barrier"].wait()
+    p.join(30)
+    assert p.exitcode == 0
+    _check(o, 1)
+
+
+def test_process_inheritance_fork():
+    if "fork" not in METHODS:
+        pytest.skip("no fork")
+    o = _objects()
+    o["event"].set()
+    p = mp.get_context("fork").Process(target=lambda: _use_all(o, 0))
+    p.start()
+    o["barrier"].wait()
+    p.join(30)
+    assert p.exitcode == 0
+    _check(o, 1)
+
+
+def _waiter(cond, flag, ev, out):
+    with cond:
+        ok = cond.wait_for(lambda: flag.value == 1, timeout=20)
+    out.store(1 if ok else -1)
+    out.add(10 if ev.wait(20) else 0)
+
+
+def test_cross_process_wait_notify(shm_context):
+    """Condition.wait_for and Event.wait really block in the child until the parent acts."""
+    cond, flag, ev, out = pp.Condition(), pp.Value("i", 0), pp.Event(), pp.Value("i", 0)
+    p = shm_context.Process(target=_waiter, args=(cond, flag, ev, out))
+    p.start()
+    deadline = time.monotonic() + 20
+    while cond._sleeping_count.get_value() == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)        # the child is asleep in wait()
+    assert out.value == 0
+    with cond:
+        flag.value = 1
+        cond.notify_all()
+    while out.value == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert out.value == 1       # woke on notify; now blocked on the event
+    ev.set()
+    p.join(20)
+    assert p.exitcode == 0 and out.value == 11
+
+
+def _pool_task(payload):
+    o, tag = pickle.loads(payload)
+    return _use_all(o, tag)
+
+
+def test_pool_tasks_by_handle(shm_context):
+    """Handles go through pickle in the parent and unpickle in Pool workers (not children of
+    the pickling call), as pyparallel.Pool sends task arguments."""
+    o = _objects()
+    o["barrier"] = pp.Barrier(3, timeout=20)   # two tasks + the parent
+    o["event"].set()
+    with shm_context.Pool(2) as pool:
+        res = pool.map_async(_pool_task, [pickle.dumps((o, t), protocol=5) for t in range(2)],
+                             chunksize=1)
+        o["barrier"].wait()
+        assert sorted(res.get(30)) == [0, 1]
+    _check(o, 2)
+
+
+def _counter(payload, n, mode):
+    v, lk = pickle.loads(payload)
+    for _ in range(n):
+        if mode == "lock":
+            with lk:
+                v.value += 1
+        else:
+            v.add(1)
+
+
+@pytest.mark.parametrize("mode", ["lock", "atomic"])
+def test_cross_process_counter_exact(mode):
+    ctx = mp.get_context("fork")
+    v, lk = pp.Value("q", 0, lock=False), pp.Lock()
+    payload = pickle.dumps((v, lk))
+    ps = [ctx.Process(target=_counter, args=(payload, 5000, mode)) for _ in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(30)
+    assert v.value == 10000
+
+
+def test_pool_array_is_shared_not_copied(shm_context):
+    a = pp.Array("d", 1 << 16, lock=False)
+    with shm_context.Pool(2) as pool:
+        pool.map(_fill, [(pickle.dumps(a), i) for i in range(4)])
+    n = np.asarray(a)
+    for i in range(4):
+        assert (n[i::4] == i + 1).all()
+
+
+def _fill(args):
+    payload, i = args
+    n = np.asarray(pickle.loads(payload))
+    n[i::4] = i + 1
+
+
+# ------------------------------------------------------------------------------------------
+# Robustness: a process dies holding a lock
+
+def _die_holding(lk):
+    lk.acquire()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("kind", ["Lock", "RLock", "Value"])
+def test_abandoned_lock_recovered(kind, shm_context):
+    obj = getattr(pp, kind)() if kind != "Value" else pp.Value("i", 5)
+    lk = obj if kind != "Value" else obj.get_lock()
+    p = shm_context.Process(target=_die_holding, args=(lk,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert lk._owner_pid == p.pid
+    t0 = time.monotonic()
+    assert lk.acquire(timeout=10) is True
+    assert time.monotonic() - t0 < 5
+    assert lk.abandoned is True
+    lk.release()
+    assert lk.acquire(False) and lk.abandoned is False
+    lk.release()
+    if kind == "Value":
+        obj.value += 1
+        assert obj.value == 6
+
+
+def test_abandoned_by_zombie_recovered():
+    """The owner exited but has not been reaped yet (a zombie): still recovered."""
+    lk = pp.Lock()
+    pid = os.fork()
+    if pid == 0:
+        lk.acquire()
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while lk._owner_pid != pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert lk.acquire(timeout=10) and lk.abandoned
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_blocked_child_can_be_interrupted():
+    """A process blocked in acquire() gets SIGINT: KeyboardInterrupt, not a hang."""
+    lk = pp.Lock()
+    lk.acquire()
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=lk.acquire)
+    p.start()
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGINT)
+    p.join(10)
+    assert p.exitcode == 1      # KeyboardInterrupt traceback, exit status 1
+    lk.release()
+
+
+# ------------------------------------------------------------------------------------------
+# Leaks across processes
+
+def _memfds():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:pyparallel"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_no_leaks_after_processes():
+    gc.collect()
+    before = _memfds()
+    ctx = mp.get_context("spawn")
+    o = _objects()
+    o["event"].set()
+    big = pp.Array("d", 1 << 16)
+    p = ctx.Process(target=_child, args=(o, 0))
+    p.start()
+    o["barrier"].wait()
+    p.join(30)
+    assert p.exitcode == 0
+    del o, big, p
+    gc.collect()
+    assert _memfds() <= before + 1
+
+
+def test_bank_account_demo_rows():
+    rows = pp.shared.bank_account_demo(processes=2, deposits=5000)
+    assert [r[0] for r in rows] == ["no lock", "with Lock", "atomic add"]
+    for name, seconds, total, expected in rows:
+        assert expected == 10000 and seconds > 0
+        assert total == expected if name != "no lock" else 0 < total <= expected
+
+
+def _attach_and_count(payloads):
+    before = _memfds()      # a forked worker has inherited the parent's segments already
+    objs = [pickle.loads(p) for p in payloads]
+    attached = _memfds() - before
+    total = sum(float(np.asarray(o).sum()) for o in objs)
+    del objs
+    gc.collect()
+    return attached, _memfds() - before, total
+
+
+def test_pool_workers_release_segments(shm_context):
+    """A worker maps what it unpickles and lets go of it when the objects are dropped."""
+    arrays = [pp.RawArray("d", 1 << 15) for _ in range(6)]
+    for a in arrays:
+        np.asarray(a)[:] = 1.0
+    payloads = [pickle.dumps(a) for a in arrays]
+    with shm_context.Pool(1) as pool:
+        attached, after, total = pool.apply(_attach_and_count, (payloads,))
+    assert after == 0 and total == 6 * (1 << 15)
+    assert attached == (0 if shm_context.get_start_method() == "fork" else 6)
+
+
+def _add_one(v):
+    return v.add(1)
+
+
+def test_pool_map_direct_where_multiprocessing_refuses(shm_context):
+    """Passed straight to Pool.map (pickled by multiprocessing itself): multiprocessing's own
+    Value is refused, pyparallel's travels as a handle."""
+    with shm_context.Pool(2) as pool:
+        with pytest.raises(RuntimeError, match="inheritance"):
+            pool.map(_add_one, [mp.Value("i", 0)])
+        v = pp.Value("i", 0)
+        assert sorted(pool.map(_add_one, [v] * 8)) == list(range(1, 9))
+        assert v.value == 8
+
+
+def _outlive(a, attached, go):
+    n = np.asarray(a)
+    attached.set()
+    assert go.wait(20)
+    assert (n == 7).all()       # still intact after the creator dropped every reference
+    n[:] = 9
+
+
+def test_segment_outlives_its_creator_reference(shm_context):
+    """Freed when the last process using it lets go, not when the creator drops it."""
+    a = pp.RawArray("i", 1 << 15)           # a segment of its own
+    np.asarray(a)[:] = 7
+    attached, go = pp.Event(), pp.Event()
+    p = shm_context.Process(target=_outlive, args=(a, attached, go))
+    p.start()
+    assert attached.wait(20)
+    del a
+    gc.collect()
+    go.set()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+def test_empty_arrays():
+    a, r = pp.Array("i", 0), pp.RawArray("d", [])
+    assert len(a) == 0 and a[:] == [] and np.asarray(a).shape == (0,) and r[:] == []
+    assert pickle.loads(pickle.dumps(a))[:] == []
