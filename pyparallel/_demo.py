@@ -106,6 +106,16 @@ def run_demo(out=None, workers=None):
     s.run("pyparallel.kernels.cube_loop.map", lambda: kernels.cube_loop.map(cubes))
     s.print(out)
 
+    from .shared import bank_account_demo
+
+    deposits = 300_000
+    print(f"\nBank account: {n} processes x {deposits:_} deposits of 1 into one shared Value",
+          file=out)
+    print(f"  {'method':<30} {'seconds':>9} {'balance':>10} {'expected':>10}", file=out)
+    for name, seconds, total, expected in bank_account_demo(processes=n, deposits=deposits):
+        verdict = "ok" if total == expected else "WRONG: updates lost"
+        print(f"  {name:<30} {seconds:>9.3f} {total:>10_} {expected:>10_}  {verdict}", file=out)
+
     items = [("type1", i) for i in range(1, 10)] + [("type2", i) for i in range(1, 10)]
     weights = {"type1": 2, "type2": 3}
     result = kernels.weighted_multiply.map(items, weights)
