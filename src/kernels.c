@@ -90,10 +90,112 @@ pp_order_cmp(const void *a, const void *b)
 }
 
 /* ------------------------------------------------------------------------------------------
+ * Integer kernels (fib, cube_loop): one int n in, a fixed-size C result out. Both share the
+ * scalar call and the bulk map below; each supplies its conversion, computation and result. */
+
+typedef struct {
+    const char *map_name;                       /* for error messages: "fib.map()" */
+    int (*conv)(PyObject *o, long long *n);     /* operator.index() plus range checks */
+    void (*compute)(long long n, void *out);    /* pure C, runs without the GIL */
+    PyObject *(*to_object)(const void *result); /* the result as a Python int */
+    size_t result_size;
+    long long release; /* for n below this a call is too short to release the GIL for */
+} pp_int_kernel;
+
+static PyObject *
+pp_int_call(const pp_int_kernel *k, PyObject *arg)
+{
+    long long n;
+    uint64_t result[4]; /* large enough for every result type below */
+    if (k->conv(arg, &n) < 0) {
+        return NULL;
+    }
+    if (n < k->release) {
+        k->compute(n, result);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        k->compute(n, result);
+        Py_END_ALLOW_THREADS
+    }
+    return k->to_object(result);
+}
+
+/* A bulk job: inputs in descending order of cost, one result slot per input position. */
+typedef struct {
+    const pp_int_kernel *k;
+    const pp_order_item *order;
+    char *out;
+} pp_int_job;
+
+static void
+pp_int_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
+{
+    const pp_int_job *job = (const pp_int_job *)ctx;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        const pp_order_item *it = &job->order[i];
+        job->k->compute(it->key, job->out + (size_t)it->index * job->k->result_size);
+    }
+}
+
+static PyObject *
+pp_int_map(const pp_int_kernel *k, PyObject *iterable, int threads)
+{
+    PyObject *py_seq = pp_fast_items(iterable, k->map_name);
+    if (py_seq == NULL) {
+        return NULL;
+    }
+    PyObject *py_list = NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
+    size_t cap = (size_t)(n > 0 ? n : 1);
+    pp_order_item *order = PyMem_Malloc(sizeof(pp_order_item) * cap);
+    char *out = PyMem_Malloc(k->result_size * cap);
+    if (order == NULL || out == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    /* Convert and check every input before any work starts. */
+    long long max_n = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (k->conv(PySequence_Fast_GET_ITEM(py_seq, i), &order[i].key) < 0) { /* borrowed */
+            goto error;
+        }
+        order[i].index = i;
+        max_n = order[i].key > max_n ? order[i].key : max_n;
+    }
+    qsort(order, (size_t)n, sizeof(pp_order_item), pp_order_cmp);
+    pp_int_job job = {.k = k, .order = order, .out = out};
+    if (max_n < k->release) {
+        pp_int_range(&job, 0, n);
+    }
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        pp_parallel_for(n, 1, threads, pp_int_range, &job);
+        Py_END_ALLOW_THREADS
+    }
+    py_list = PyList_New(n);
+    if (py_list == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *py_v = k->to_object(out + (size_t)i * k->result_size);
+        if (py_v == NULL) {
+            Py_CLEAR(py_list);
+            goto error;
+        }
+        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
+    }
+error:
+    PyMem_Free(order);
+    PyMem_Free(out);
+    Py_DECREF(py_seq);
+    return py_list;
+}
+
+/* ------------------------------------------------------------------------------------------
  * fib: the naive doubly recursive Fibonacci, exactly `1 if n <= 2 else fib(n-1) + fib(n-2)` */
 
 #define PP_FIB_MAX 93 /* fib(93) is the largest that fits in 64 bits (unsigned) */
-#define PP_FIB_RELEASE 24 /* below this a call is too short to be worth releasing the GIL */
 
 /* noipa and no sibling-call optimisation keep GCC from unrolling the recursion into itself
  * or turning one of the two calls into an accumulator loop: this is a CPU benchmark, and it
@@ -109,6 +211,18 @@ pp_fib(long long n)
     return n <= 2 ? 1 : pp_fib(n - 1) + pp_fib(n - 2);
 }
 
+static void
+pp_fib_compute(long long n, void *out)
+{
+    *(uint64_t *)out = pp_fib(n);
+}
+
+static PyObject *
+pp_fib_result(const void *result)
+{
+    return PyLong_FromUnsignedLongLong(*(const uint64_t *)result);
+}
+
 static int
 pp_fib_arg(PyObject *o, long long *n)
 {
@@ -116,119 +230,22 @@ pp_fib_arg(PyObject *o, long long *n)
     return pp_index_arg(o, 0, PP_FIB_MAX, "fib(n) does not fit in 64 bits for n > 93", n);
 }
 
+static const pp_int_kernel pp_fib_kernel = {
+    "fib.map()", pp_fib_arg, pp_fib_compute, pp_fib_result, sizeof(uint64_t), 24,
+};
+
 static PyObject *
 pp_fib_call(PyObject *module, PyObject *const *args)
 {
     (void)module;
-    long long n;
-    if (pp_fib_arg(args[0], &n) < 0) {
-        return NULL;
-    }
-    uint64_t r;
-    if (n < PP_FIB_RELEASE) {
-        r = pp_fib(n);
-    }
-    else {
-        Py_BEGIN_ALLOW_THREADS
-        r = pp_fib(n);
-        Py_END_ALLOW_THREADS
-    }
-    return PyLong_FromUnsignedLongLong(r);
-}
-
-/* A bulk job over integer inputs: inputs in descending order of cost, one output slot each. */
-typedef struct {
-    const pp_order_item *order;
-    void *out; /* uint64_t[n] for fib, pp_u192[n] for cube_loop */
-} pp_int_job;
-
-static void
-pp_fib_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
-{
-    pp_int_job *job = (pp_int_job *)ctx;
-    uint64_t *out = (uint64_t *)job->out;
-    for (Py_ssize_t k = lo; k < hi; k++) {
-        out[job->order[k].index] = pp_fib(job->order[k].key);
-    }
-}
-
-/* Converts every item of `iterable` with `conv` into an order array sorted by cost (the
- * value itself). Returns the count, or -1 with an exception set. *order is PyMem memory. */
-static Py_ssize_t
-pp_int_inputs(PyObject *iterable, const char *who, int (*conv)(PyObject *, long long *),
-              pp_order_item **order, long long *max_key)
-{
-    PyObject *py_seq = pp_fast_items(iterable, who);
-    if (py_seq == NULL) {
-        return -1;
-    }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
-    pp_order_item *items = PyMem_Malloc(sizeof(pp_order_item) * (size_t)(n > 0 ? n : 1));
-    if (items == NULL) {
-        Py_DECREF(py_seq);
-        PyErr_NoMemory();
-        return -1;
-    }
-    long long mx = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        /* Borrowed: the sequence keeps its items alive. */
-        PyObject *py_item = PySequence_Fast_GET_ITEM(py_seq, i);
-        if (conv(py_item, &items[i].key) < 0) {
-            PyMem_Free(items);
-            Py_DECREF(py_seq);
-            return -1;
-        }
-        items[i].index = i;
-        mx = items[i].key > mx ? items[i].key : mx;
-    }
-    Py_DECREF(py_seq);
-    qsort(items, (size_t)n, sizeof(pp_order_item), pp_order_cmp);
-    *order = items;
-    *max_key = mx;
-    return n;
+    return pp_int_call(&pp_fib_kernel, args[0]);
 }
 
 static PyObject *
 pp_fib_map(PyObject *module, PyObject *const *args, int threads)
 {
     (void)module;
-    pp_order_item *order = NULL;
-    long long max_n = 0;
-    Py_ssize_t n = pp_int_inputs(args[0], "fib.map()", pp_fib_arg, &order, &max_n);
-    if (n < 0) {
-        return NULL;
-    }
-    PyObject *py_list = NULL;
-    uint64_t *out = PyMem_Malloc(sizeof(uint64_t) * (size_t)(n > 0 ? n : 1));
-    if (out == NULL) {
-        PyErr_NoMemory();
-        goto error;
-    }
-    pp_int_job job = {.order = order, .out = out};
-    if (max_n < PP_FIB_RELEASE) {
-        pp_fib_range(&job, 0, n);
-    }
-    else {
-        Py_BEGIN_ALLOW_THREADS
-        pp_parallel_for(n, 1, threads, pp_fib_range, &job);
-        Py_END_ALLOW_THREADS
-    }
-    py_list = PyList_New(n);
-    if (py_list == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *py_v = PyLong_FromUnsignedLongLong(out[i]);
-        if (py_v == NULL) {
-            Py_CLEAR(py_list);
-            goto error;
-        }
-        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
-    }
-error:
-    PyMem_Free(out);
-    PyMem_Free(order);
-    return py_list;
+    return pp_int_map(&pp_fib_kernel, args[0], threads);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -237,14 +254,13 @@ error:
  * and the carry makes the loop something the compiler has to run, not a closed form. */
 
 #define PP_CUBE_MAX (1LL << 42) /* i**3 < 2**128 and the sum < 2**192 below this */
-#define PP_CUBE_RELEASE 20000
 
 typedef struct {
     uint64_t w[3]; /* little-endian 64-bit limbs */
 } pp_u192;
 
 static void
-pp_cube_sum(long long n, pp_u192 *out)
+pp_cube_compute(long long n, void *out)
 {
     unsigned __int128 lo = 0;
     uint64_t hi = 0;
@@ -253,14 +269,16 @@ pp_cube_sum(long long n, pp_u192 *out)
         lo += c;
         hi += lo < c;
     }
-    out->w[0] = (uint64_t)lo;
-    out->w[1] = (uint64_t)(lo >> 64);
-    out->w[2] = hi;
+    pp_u192 *r = (pp_u192 *)out;
+    r->w[0] = (uint64_t)lo;
+    r->w[1] = (uint64_t)(lo >> 64);
+    r->w[2] = hi;
 }
 
 static PyObject *
-pp_long_from_u192(const pp_u192 *v)
+pp_cube_result(const void *result)
 {
+    const pp_u192 *v = (const pp_u192 *)result;
     PyObject *py_r = PyLong_FromUnsignedLongLong(v->w[2]);
     PyObject *py_shift = PyLong_FromLong(64);
     if (py_r == NULL || py_shift == NULL) {
@@ -298,77 +316,22 @@ pp_cube_arg(PyObject *o, long long *n)
     return pp_index_arg(o, 0, PP_CUBE_MAX, "cube_loop(n) supports n up to 2**42", n);
 }
 
+static const pp_int_kernel pp_cube_kernel = {
+    "cube_loop.map()", pp_cube_arg, pp_cube_compute, pp_cube_result, sizeof(pp_u192), 20000,
+};
+
 static PyObject *
 pp_cube_call(PyObject *module, PyObject *const *args)
 {
     (void)module;
-    long long n;
-    if (pp_cube_arg(args[0], &n) < 0) {
-        return NULL;
-    }
-    pp_u192 r;
-    if (n < PP_CUBE_RELEASE) {
-        pp_cube_sum(n, &r);
-    }
-    else {
-        Py_BEGIN_ALLOW_THREADS
-        pp_cube_sum(n, &r);
-        Py_END_ALLOW_THREADS
-    }
-    return pp_long_from_u192(&r);
-}
-
-static void
-pp_cube_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
-{
-    pp_int_job *job = (pp_int_job *)ctx;
-    pp_u192 *out = (pp_u192 *)job->out;
-    for (Py_ssize_t k = lo; k < hi; k++) {
-        pp_cube_sum(job->order[k].key, &out[job->order[k].index]);
-    }
+    return pp_int_call(&pp_cube_kernel, args[0]);
 }
 
 static PyObject *
 pp_cube_map(PyObject *module, PyObject *const *args, int threads)
 {
     (void)module;
-    pp_order_item *order = NULL;
-    long long max_n = 0;
-    Py_ssize_t n = pp_int_inputs(args[0], "cube_loop.map()", pp_cube_arg, &order, &max_n);
-    if (n < 0) {
-        return NULL;
-    }
-    PyObject *py_list = NULL;
-    pp_u192 *out = PyMem_Malloc(sizeof(pp_u192) * (size_t)(n > 0 ? n : 1));
-    if (out == NULL) {
-        PyErr_NoMemory();
-        goto error;
-    }
-    pp_int_job job = {.order = order, .out = out};
-    if (max_n < PP_CUBE_RELEASE) {
-        pp_cube_range(&job, 0, n);
-    }
-    else {
-        Py_BEGIN_ALLOW_THREADS
-        pp_parallel_for(n, 1, threads, pp_cube_range, &job);
-        Py_END_ALLOW_THREADS
-    }
-    py_list = PyList_New(n);
-    if (py_list == NULL) {
-        goto error;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *py_v = pp_long_from_u192(&out[i]);
-        if (py_v == NULL) {
-            Py_CLEAR(py_list);
-            goto error;
-        }
-        PyList_SET_ITEM(py_list, i, py_v); /* steals py_v */
-    }
-error:
-    PyMem_Free(out);
-    PyMem_Free(order);
-    return py_list;
+    return pp_int_map(&pp_cube_kernel, args[0], threads);
 }
 
 /* ------------------------------------------------------------------------------------------
