@@ -52,6 +52,9 @@ pp_exec(PyObject *module)
     if (pp_kernels_exec(module, st) < 0) {
         return -1;
     }
+    if (pp_channel_exec(module, st) < 0) {
+        return -1;
+    }
     return 0;
 }
 

@@ -28,7 +28,7 @@ PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X) X(KernelType)
+#define PP_STATE_OBJECTS(X) X(KernelType) X(ChannelType)
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -61,5 +61,8 @@ int pp_threads_arg(PyObject *module, PyObject *arg);
 /* ---- kernels.c ---- */
 int pp_kernels_exec(PyObject *module, pp_state *st);
 extern PyMethodDef pp_kernels_methods[];
+
+/* ---- channel.c: shared-memory rings between a pool's parent and its workers ---- */
+int pp_channel_exec(PyObject *module, pp_state *st);
 
 #endif /* PP_H */
