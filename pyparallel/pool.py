@@ -1,0 +1,829 @@
+"""Pool and ThreadPool: drop-in replacements for :mod:`multiprocessing.pool`.
+
+``pyparallel.Pool`` has the whole ``multiprocessing.Pool`` API and semantics (map, imap,
+imap_unordered, starmap, apply and the ``_async`` forms with callbacks, close/join/terminate,
+the context manager, initializer/initargs, maxtasksperchild, the stdlib's default chunksize,
+its exception classes), on a shared-memory transport written in C::
+
+    caller thread                      shared memory (memfd)               worker i
+    -------------                      ---------------------               --------
+    map(f, xs): chunk, pickle (p5) --> task ring i  (SPSC bytes, futex) --> recv, unpickle,
+                 writes while it fits                                        run f(chunk)
+    AsyncResult.get() <-- collector <-- result ring i (SPSC bytes) <------- pickle, send
+                          thread: poll(wake pipe + worker sentinels),
+                          completes results, feeds the next chunks, replaces dead workers
+
+There is no task-handler thread: the caller writes tasks into the rings itself, at most
+``WINDOW`` chunks ahead per worker; the rest is fed by the collector as results come back, so
+``imap`` over an endless generator holds a bounded window in memory. Large buffers (numpy
+arrays, bytes) travel out of band: copied once, from their memory into the ring.
+
+What it adds over multiprocessing:
+
+- **Nothing hangs.** A worker killed mid-task (SIGKILL, segfault, ``os._exit``) fails the
+  task it was running with :class:`WorkerLostError` (naming the pid and the signal or exit
+  code); the tasks queued behind it are resent, a new worker takes the slot, the map goes on.
+  An exception in the initializer fails every task with :class:`InitializerError` instead of
+  respawning workers forever. ``terminate()`` fails whatever is still pending with
+  :class:`PoolTerminatedError` instead of leaving ``get()`` waiting forever. An exception in
+  a callback is printed and does not kill the pool.
+- **Ctrl-C** in ``map``/``starmap``/``apply``/``imap`` terminates the pool's workers and
+  raises KeyboardInterrupt in the caller; workers ignore SIGINT themselves.
+- **Unpicklable arguments** raise in the caller, at submission, for ``map``, ``starmap``,
+  ``apply`` and their ``_async`` forms (``imap`` fails the item, like the stdlib).
+- **Functions are pickled by value** when they cannot be pickled by reference (lambdas,
+  closures, functions from ``__main__`` or a notebook), so they work under every start
+  method.
+- **Native kernels** (``pyparallel.kernels.fib`` ...) given to ``map``/``imap``/``apply``
+  run in-process on ``processes`` threads through their bulk path: no pickling, no processes.
+
+Start method: ``context=`` takes a multiprocessing context or a name ("fork", "forkserver",
+"spawn"). The default is **fork when it is safe** (this process has a single OS thread,
+counting /proc/self/task but not pyparallel pools' own collector threads, so no OpenMP
+runtime or other library thread could be caught mid-lock by the fork) and **forkserver
+otherwise**. Workers are found through ``/proc/<parent>/fd``, the same way under all three.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import multiprocessing
+import multiprocessing.pool as _mpp
+import os
+import pickle
+import signal
+import sys
+import threading
+import traceback
+import warnings
+import weakref
+
+from . import _core, _serialize, _worker
+from ._cpu import cpu_count
+
+__all__ = [
+    "Pool",
+    "ThreadPool",
+    "AsyncResult",
+    "ApplyResult",
+    "MapResult",
+    "IMapIterator",
+    "IMapUnorderedIterator",
+    "WorkerLostError",
+    "InitializerError",
+    "PoolTerminatedError",
+    "TimeoutError",
+    "RemoteTraceback",
+    "MaybeEncodingError",
+    "default_start_method",
+]
+
+TimeoutError = multiprocessing.TimeoutError
+RemoteTraceback = _mpp.RemoteTraceback
+MaybeEncodingError = _mpp.MaybeEncodingError
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+
+#: chunks sent ahead to each worker (one running, the rest queued in its ring)
+WINDOW = 2
+TASK_RING_BYTES = 8 << 20
+RESULT_RING_BYTES = 2 << 20
+#: the collector looks at everything at least this often, whatever the wakeups say
+_SAFETY_WAIT = 1.0
+
+
+class WorkerLostError(multiprocessing.ProcessError):
+    """A worker process died while it held the task; the pool replaced it."""
+
+
+class InitializerError(multiprocessing.ProcessError):
+    """The pool's initializer raised in a worker; the pool cannot run tasks."""
+
+
+class PoolTerminatedError(multiprocessing.ProcessError):
+    """The pool was terminated before the task completed."""
+
+
+def _describe_exit(pid, code):
+    if code is None:
+        return f"worker process {pid} died"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker process {pid} was killed by {name}"
+    return f"worker process {pid} exited with code {code}"
+
+
+# ---- start methods ------------------------------------------------------------------------
+
+_collectors = weakref.WeakSet()  # live collector threads, not counted by the fork-safety rule
+
+
+def _os_thread_count():
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def default_start_method() -> str:
+    """"fork" when this process is single-threaded (ignoring pools' collector threads),
+    else "forkserver" (or "spawn" where forkserver does not exist)."""
+    methods = multiprocessing.get_all_start_methods()
+    own = sum(1 for t in list(_collectors) if t.is_alive())
+    if "fork" in methods and _os_thread_count() - own <= 1:
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _resolve_context(context):
+    if context is None:
+        return multiprocessing.get_context(default_start_method())
+    if isinstance(context, str):
+        return multiprocessing.get_context(context)
+    return context
+
+
+# ---- results ------------------------------------------------------------------------------
+
+
+def _guard(cb):
+    """A callback that cannot take the collector down: its exception is printed."""
+    if cb is None:
+        return None
+
+    def guarded(value):
+        try:
+            cb(value)
+        except BaseException:
+            print(f"Exception in pyparallel pool callback {cb!r}:", file=sys.stderr)
+            traceback.print_exc()
+
+    return guarded
+
+
+class ApplyResult(_mpp.ApplyResult):
+    """The result of ``apply_async`` (a ``multiprocessing.pool.ApplyResult``)."""
+
+    def __init__(self, pool, callback, error_callback):
+        super().__init__(pool, _guard(callback), _guard(error_callback))
+
+    def get(self, timeout=None):
+        pool = self._pool
+        try:
+            return _mpp.ApplyResult.get(self, timeout)
+        except KeyboardInterrupt:
+            if pool is not None:
+                pool.terminate()
+            raise
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(_mpp.MapResult):
+    """The result of ``map_async``/``starmap_async``."""
+
+    def __init__(self, pool, chunksize, length, callback, error_callback):
+        super().__init__(pool, chunksize, length, _guard(callback), _guard(error_callback))
+
+    get = ApplyResult.get
+
+
+class IMapIterator(_mpp.IMapIterator):
+    """The iterator ``imap`` returns (``next(timeout)`` as in multiprocessing)."""
+
+    def next(self, timeout=None):
+        pool = self._pool
+        try:
+            return _mpp.IMapIterator.next(self, timeout)
+        except KeyboardInterrupt:
+            if pool is not None:
+                pool.terminate()
+            raise
+
+    __next__ = next
+
+
+class IMapUnorderedIterator(_mpp.IMapUnorderedIterator):
+    """The iterator ``imap_unordered`` returns."""
+
+    next = IMapIterator.next
+    __next__ = next
+
+
+def _abort(result, err):
+    """Complete a pending result (any kind) with ``err``."""
+    if isinstance(result, _mpp.IMapIterator):
+        with result._cond:
+            result._items.append((False, err))
+            result._index += 1
+            result._unsorted.clear()
+            result._length = result._index
+            result._cond.notify_all()
+        result._cache.pop(result._job, None)
+        result._pool = None
+        return
+    if result._event.is_set():
+        return
+    result._success = False
+    result._value = err
+    if result._error_callback:
+        result._error_callback(err)
+    result._event.set()
+    result._cache.pop(result._job, None)
+    result._pool = None
+
+
+# ---- the process pool's engine ------------------------------------------------------------
+
+
+class _Engine:
+    """Workers, channel, scheduling and the collector thread. Holds no reference to the Pool,
+    so an abandoned Pool is garbage-collected (and its workers reaped)."""
+
+    def __init__(self, processes, ctx, init, maxtasks, cache):
+        self.n = processes
+        self.ctx = ctx
+        self.init = init
+        self.maxtasks = maxtasks
+        self.cache = cache
+        self.ch = _core.Channel(processes, TASK_RING_BYTES, RESULT_RING_BYTES)
+        self.lock = threading.Lock()
+        self.state = RUN
+        self.workers = [None] * processes
+        self.sent = [0] * processes  # tasks sent to the slot's current worker
+        self.inflight = [collections.deque() for _ in range(processes)]
+        self.outgoing = [None] * processes  # (parts, pos, size) of a message being written
+        self.tasks = {}  # tid -> (result, index, parts)
+        self.retry = collections.deque()  # (result, index, tid, parts) to send first
+        self.jobs = collections.deque()  # iterators of (result, index, tid, parts | exception)
+        self.tid = itertools.count()
+        self.broken = None
+        self.leaving = False
+        self.thread = None
+        try:
+            for i in range(processes):
+                self._spawn(i)
+        except BaseException:
+            self._kill_all()
+            self.ch.close()
+            raise
+        self.thread = threading.Thread(target=self._collect, name="pyparallel-collector", daemon=True)
+        _collectors.add(self.thread)
+        self.thread.start()
+
+    # -- workers --
+
+    def _spawn(self, slot):
+        fd, pipe_fd = self.ch.fds
+        p = self.ctx.Process(
+            target=_worker.main,
+            args=(os.getpid(), fd, pipe_fd, slot, self.init, self.maxtasks),
+            name=f"PyParallelPoolWorker-{slot}",
+            daemon=True,
+        )
+        p.start()
+        self.workers[slot] = p
+        self.sent[slot] = 0
+
+    def _kill_all(self):
+        procs = [p for p in self.workers if p is not None]
+        for p in procs:
+            if p.exitcode is None:
+                try:
+                    p.kill()
+                except (OSError, AttributeError):
+                    pass
+        for p in procs:
+            p.join(5)
+            try:
+                p.close()
+            except ValueError:
+                pass
+        self.workers = [None] * self.n
+
+    # -- scheduling (self.lock held) --
+
+    def _next_task(self, done):
+        if self.retry:
+            return self.retry.popleft()
+        while self.jobs:
+            try:
+                item = next(self.jobs[0])
+            except StopIteration:
+                self.jobs.popleft()
+                continue
+            except Exception as e:  # pragma: no cover - sources catch their own errors
+                self.jobs.popleft()
+                print("pyparallel: task source failed:", repr(e), file=sys.stderr)
+                continue
+            result, idx, tid, parts = item
+            if tid is None:  # could not be encoded: fail that item only
+                done.append((result, idx, (False, parts)))
+                continue
+            return item
+        return None
+
+    def _pump(self, done):
+        """Write what fits: stalled messages first, then new tasks to the least-busy slots."""
+        if self.broken is not None:
+            self._fail_everything(self.broken, done)
+            return
+        for slot, out in enumerate(self.outgoing):
+            if out is not None:
+                parts, pos, size = out
+                pos = self.ch.put(slot, parts, pos)
+                self.outgoing[slot] = None if pos == size else (parts, pos, size)
+        while True:
+            best = None
+            for slot in range(self.n):
+                if self.workers[slot] is None or self.outgoing[slot] is not None:
+                    continue
+                if len(self.inflight[slot]) >= WINDOW:
+                    continue
+                if self.maxtasks is not None and self.sent[slot] >= self.maxtasks:
+                    continue
+                if best is None or len(self.inflight[slot]) < len(self.inflight[best]):
+                    best = slot
+            if best is None:
+                return
+            item = self._next_task(done)
+            if item is None:
+                return
+            result, idx, tid, parts = item
+            self.tasks[tid] = (result, idx, parts)
+            self.inflight[best].append(tid)
+            self.sent[best] += 1
+            size = _serialize.parts_size(parts)
+            pos = self.ch.put(best, parts, 0)
+            if pos != size:
+                self.outgoing[best] = (parts, pos, size)
+
+    def _fail_everything(self, err, done):
+        for slot in range(self.n):
+            self.inflight[slot].clear()
+            self.outgoing[slot] = None
+        for tid, (result, idx, _) in self.tasks.items():
+            done.append((result, idx, (False, err)))
+        self.tasks.clear()
+        while True:
+            item = self._next_task(done)
+            if item is None:
+                break
+            done.append((item[0], item[1], (False, err)))
+
+    def _on_message(self, slot, msg, done):
+        tid = _serialize.peek_tid(msg)
+        try:
+            _, obj = _serialize.decode(msg)
+        except Exception as e:
+            obj = (False, e)
+        if tid == _worker.INIT_FAILED_TID:
+            cause = obj if isinstance(obj, BaseException) else None
+            err = InitializerError(f"the pool's initializer raised in a worker: {cause!r}")
+            err.__cause__ = cause
+            self.broken = err
+            return
+        entry = self.tasks.pop(tid, None)
+        if entry is None:
+            return
+        dq = self.inflight[slot]
+        if dq and dq[0] == tid:
+            dq.popleft()
+        else:
+            try:
+                dq.remove(tid)
+            except ValueError:
+                pass
+        done.append((entry[0], entry[1], obj))
+
+    def _drain(self, slot, done):
+        while True:
+            msg = self.ch.get(slot)
+            if msg is None:
+                return
+            self._on_message(slot, msg, done)
+
+    def _reap(self, slot, done):
+        """The slot's worker has exited: account for its tasks, replace it if needed."""
+        p = self.workers[slot]
+        self._drain(slot, done)
+        p.join(1)
+        code = p.exitcode
+        held = self.inflight[slot]
+        if held:
+            # Results come back in order, so the oldest task is the one it was running.
+            tid = held.popleft()
+            result, idx, _ = self.tasks.pop(tid)
+            if self.broken is None:
+                err = WorkerLostError(_describe_exit(p.pid, code) + " while running a task")
+                done.append((result, idx, (False, err)))
+            else:
+                done.append((result, idx, (False, self.broken)))
+            while held:  # never started: send them again
+                t = held.pop()
+                r, i, parts = self.tasks.pop(t)
+                self.retry.appendleft((r, i, t, parts))
+        self.outgoing[slot] = None
+        try:
+            p.close()
+        except ValueError:
+            pass
+        self.workers[slot] = None
+        self.ch.reset(slot)
+        if self.broken is None and self.state != TERMINATE and not self.leaving:
+            self._spawn(slot)
+
+    def _idle(self):
+        return not self.tasks and not self.retry and not self.jobs
+
+    # -- the collector thread --
+
+    def _collect(self):
+        try:
+            self._collect_loop()
+        except BaseException:  # pragma: no cover - a bug: do not leave callers waiting
+            traceback.print_exc()
+            with self.lock:
+                self.state = TERMINATE
+                err = PoolTerminatedError("pyparallel pool collector failed")
+                done = []
+                self._fail_everything(err, done)
+            self._complete(done)
+
+    def _complete(self, done):
+        for result, idx, obj in done:
+            try:
+                result._set(idx, obj)
+            except KeyError:  # already completed (terminate)
+                pass
+
+    def _collect_loop(self):
+        ch = self.ch
+        while True:
+            sentinels = [p.sentinel for p in self.workers if p is not None]
+            ch.wait(sentinels, _SAFETY_WAIT)
+            done = []
+            finished = False
+            with self.lock:
+                if self.state == TERMINATE:
+                    return
+                for slot in range(self.n):
+                    if self.workers[slot] is not None:
+                        self._drain(slot, done)
+                for slot, p in enumerate(self.workers):
+                    if p is not None and p.exitcode is not None:
+                        self._reap(slot, done)
+                if self.broken is not None:
+                    self._fail_everything(self.broken, done)
+                else:
+                    self._pump(done)
+                if self.state == CLOSE and self._idle():
+                    if not self.leaving:
+                        self.leaving = True
+                        for slot, p in enumerate(self.workers):
+                            if p is not None:
+                                ch.put(slot, ())  # an empty message: leave
+                    if all(p is None or p.exitcode is not None for p in self.workers):
+                        for slot, p in enumerate(self.workers):
+                            if p is not None:
+                                self._reap(slot, done)
+                        finished = True
+            self._complete(done)
+            if finished:
+                return
+
+    # -- called by the Pool --
+
+    def submit(self, source):
+        """Queue a task source and write what fits right away, from the caller's thread."""
+        done = []
+        with self.lock:
+            self.jobs.append(source)
+            self._pump(done)
+        self._complete(done)
+
+    def close(self):
+        with self.lock:
+            if self.state == RUN:
+                self.state = CLOSE
+        self.ch.notify()
+
+    def terminate(self):
+        with self.lock:
+            already = self.state == TERMINATE
+            self.state = TERMINATE
+        if not already:
+            self.ch.notify()
+            if self.thread is not None and self.thread is not threading.current_thread():
+                self.thread.join(5)
+            self._kill_all()
+            err = PoolTerminatedError("the pool was terminated before the task completed")
+            for result in list(self.cache.values()):
+                _abort(result, err)
+            with self.lock:
+                self.tasks.clear()
+                self.jobs.clear()
+                self.retry.clear()
+
+    def join(self):
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+        if self.state == TERMINATE:
+            self._kill_all()
+        else:
+            for p in self.workers:
+                if p is not None:
+                    p.join()
+            self.workers = [None] * self.n
+        self.ch.close()
+
+
+_engines = weakref.WeakSet()
+
+
+@atexit.register
+def _terminate_all():  # interpreter exit reaps every worker
+    for eng in list(_engines):
+        try:
+            eng.terminate()
+        except Exception:
+            pass
+
+
+# ---- the public Pool ----------------------------------------------------------------------
+
+
+def _is_kernel(func):
+    from .kernels import Kernel
+
+    return isinstance(func, Kernel) and getattr(func, "unary", False)
+
+
+def _chunks(iterable, size):
+    it = iter(iterable)
+    while True:
+        chunk = tuple(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+class Pool:
+    """A process pool with the API of ``multiprocessing.Pool``; see the module docstring."""
+
+    def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
+                 context=None):
+        self._state = None  # not RUN: a failed __init__ must not warn in __del__
+        self._cache = {}
+        self._engine = None
+        if processes is None:
+            processes = cpu_count()
+        if processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._processes = processes
+        self._ctx = _resolve_context(context)
+        init = None
+        if initializer is not None:
+            init = _serialize.dumps_by_value((initializer, tuple(initargs)))
+        self._engine = _Engine(processes, self._ctx, init, maxtasksperchild, self._cache)
+        _engines.add(self._engine)
+        self._state = RUN
+
+    # -- state --
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled")
+
+    def __repr__(self):
+        cls = self.__class__
+        return (f"<{cls.__module__}.{cls.__qualname__} state={self._state} "
+                f"pool_size={self._processes}>")
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if self._state == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
+            eng = self._engine
+            if eng is not None:
+                eng.terminate()
+
+    def close(self):
+        """No more tasks; workers leave once everything submitted is done."""
+        if self._state == RUN:
+            self._state = CLOSE
+            self._engine.close()
+
+    def terminate(self):
+        """Stop the workers now; pending results fail with PoolTerminatedError."""
+        self._state = TERMINATE
+        if self._engine is not None:
+            self._engine.terminate()
+
+    def join(self):
+        """Wait for the workers to exit; call close() or terminate() first."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        elif self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        self._engine.join()
+
+    # -- submission helpers --
+
+    def _encode(self, fb, args, kind):
+        tid = next(self._engine.tid)
+        return tid, _serialize.encode(tid, (fb, args, kind))
+
+    def _eager(self, result, fb, batches, kind):
+        out = []
+        for i, args in enumerate(batches):
+            tid, parts = self._encode(fb, args, kind)
+            out.append((result, i, tid, parts))
+        return out
+
+    def _lazy(self, result, fb, iterable, chunksize, set_length):
+        """Encodes imap's items as workers free up; an item that cannot be pickled (or an
+        iterable that raises) fails that item, as in multiprocessing."""
+        i = -1
+        try:
+            if chunksize == 1:
+                batches, kind = (((x,), {}) for x in iterable), _worker.APPLY
+            else:
+                batches, kind = _chunks(iterable, chunksize), _worker.MAP
+            for i, args in enumerate(batches):
+                try:
+                    tid, parts = self._encode(fb, args, kind)
+                except Exception as e:
+                    yield (result, i, None, e)
+                    continue
+                yield (result, i, tid, parts)
+        except Exception as e:
+            i += 1
+            yield (result, i, None, e)
+        set_length(i + 1)
+
+    def _map_async(self, func, iterable, kind, chunksize=None, callback=None, error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), self._processes * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+        if _is_kernel(func):
+            return self._kernel_async(func, iterable, kind, chunksize, len(iterable), callback,
+                                      error_callback)
+        fb = _serialize.dumps_func(func)
+        result = MapResult(self, chunksize, len(iterable), callback, error_callback=error_callback)
+        if chunksize:
+            try:
+                items = self._eager(result, fb, _chunks(iterable, chunksize), kind)
+            except BaseException:
+                self._cache.pop(result._job, None)
+                raise
+            self._engine.submit(iter(items))
+        return result
+
+    def _kernel_async(self, func, iterable, kind, chunksize, length, callback, error_callback):
+        """A native kernel: its bulk path on `processes` threads, in this process."""
+        result = MapResult(self, max(length, 1), length, callback, error_callback) if length \
+            else MapResult(self, 0, 0, callback, error_callback)
+        if not length:
+            return result
+        items = list(iterable)
+        if kind == _worker.STARMAP:
+            items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
+
+        def run():
+            try:
+                obj = (True, func.map(items, threads=self._processes))
+            except Exception as e:
+                obj = (False, e)
+            result._set(0, obj)
+
+        threading.Thread(target=run, daemon=True, name="pyparallel-kernel").start()
+        return result
+
+    # -- the API --
+
+    def apply(self, func, args=(), kwds={}):
+        """``func(*args, **kwds)`` in a worker; blocks until the result is ready."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        if _is_kernel(func) and not kwds:
+            def run():
+                try:
+                    obj = (True, func(*args))
+                except Exception as e:
+                    obj = (False, e)
+                result._set(0, obj)
+
+            threading.Thread(target=run, daemon=True, name="pyparallel-kernel").start()
+            return result
+        try:
+            tid, parts = self._encode(_serialize.dumps_func(func), (tuple(args), dict(kwds)),
+                                      _worker.APPLY)
+        except BaseException:
+            self._cache.pop(result._job, None)
+            raise
+        self._engine.submit(iter([(result, 0, tid, parts)]))
+        return result
+
+    def map(self, func, iterable, chunksize=None):
+        """``list(map(func, iterable))`` computed in the workers, in chunks."""
+        return self._map_async(func, iterable, _worker.MAP, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like map, with each item unpacked as arguments: ``func(*item)``."""
+        return self._map_async(func, iterable, _worker.STARMAP, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, _worker.MAP, chunksize, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, _worker.STARMAP, chunksize, callback,
+                               error_callback)
+
+    def _imap(self, cls, func, iterable, chunksize):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if _is_kernel(func):
+            return _kernel_imap(func, iterable, max(chunksize, 64 * self._processes),
+                                self._processes)
+        fb = _serialize.dumps_func(func)
+        result = cls(self)
+        self._engine.submit(self._lazy(result, fb, iterable, chunksize, result._set_length))
+        if chunksize == 1:
+            return result
+        return (item for chunk in result for item in chunk)
+
+    def imap(self, func, iterable, chunksize=1):
+        """Like map, lazily: results in order, inputs consumed as workers free up."""
+        return self._imap(IMapIterator, func, iterable, chunksize)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        """Like imap, results in completion order."""
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+
+
+def _bad_star(func, args):
+    raise TypeError(f"{func!r} takes 1 argument ({len(args)} given)")
+
+
+def _kernel_imap(func, iterable, batch, threads):
+    for chunk in _chunks(iterable, batch):
+        yield from func.map(list(chunk), threads=threads)
+
+
+# ---- ThreadPool -----------------------------------------------------------------------------
+
+
+class ThreadPool(_mpp.ThreadPool):
+    """``multiprocessing.pool.ThreadPool`` with pyparallel's defaults: ``processes`` threads
+    (default ``cpu_count()``), callbacks that cannot kill the pool, native kernels on their
+    bulk path."""
+
+    def __init__(self, processes=None, initializer=None, initargs=()):
+        if processes is None:
+            processes = cpu_count()
+        super().__init__(processes, initializer, initargs)
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        return super().apply_async(func, args, kwds, _guard(callback), _guard(error_callback))
+
+    def map(self, func, iterable, chunksize=None):
+        if _is_kernel(func):
+            self._check_running()
+            return func.map(list(iterable), threads=self._processes)
+        return super().map(func, iterable, chunksize)
+
+    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
+                   error_callback=None):
+        return super()._map_async(func, iterable, mapper, chunksize, _guard(callback),
+                                  _guard(error_callback))
