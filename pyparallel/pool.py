@@ -196,23 +196,38 @@ class MapResult(_mpp.MapResult):
 class IMapIterator(_mpp.IMapIterator):
     """The iterator ``imap`` returns (``next(timeout)`` as in multiprocessing)."""
 
+    _issued = 0  # items handed to workers
+    _taken = 0  # items the caller has taken
+    _engine = None  # set while the source is throttled: to wake when the caller catches up
+
     def next(self, timeout=None):
         pool = self._pool
         try:
-            return _mpp.IMapIterator.next(self, timeout)
+            value = _mpp.IMapIterator.next(self, timeout)
         except KeyboardInterrupt:
             if pool is not None:
                 pool.terminate()
             raise
+        except Exception:
+            self._took()
+            raise
+        self._took()
+        return value
+
+    def _took(self):
+        self._taken += 1
+        eng = self._engine
+        if eng is not None:
+            self._engine = None
+            eng.kick()
 
     __next__ = next
 
 
-class IMapUnorderedIterator(_mpp.IMapUnorderedIterator):
+class IMapUnorderedIterator(_mpp.IMapUnorderedIterator, IMapIterator):
     """The iterator ``imap_unordered`` returns."""
 
-    next = IMapIterator.next
-    __next__ = next
+    _set = _mpp.IMapUnorderedIterator._set
 
 
 def _abort(result, err):
@@ -260,7 +275,8 @@ class _Engine:
         self.outgoing = [None] * processes  # (parts, pos, size) of a message being written
         self.tasks = {}  # tid -> (result, index, parts)
         self.retry = collections.deque()  # (result, index, tid, parts) to send first
-        self.jobs = collections.deque()  # iterators of (result, index, tid, parts | exception)
+        self.jobs = []  # (iterator of (result, index, tid, parts | exception), throttle)
+        self.ahead = max(4 * WINDOW * processes, 16)  # imap: results allowed to wait unread
         self.tid = itertools.count()
         self.broken = None
         self.leaving = False
@@ -311,16 +327,26 @@ class _Engine:
     def _next_task(self, done):
         if self.retry:
             return self.retry.popleft()
-        while self.jobs:
+        i = 0
+        while i < len(self.jobs):
+            source, result = self.jobs[i]
+            if result is not None and result._issued - result._taken >= self.ahead:
+                result._engine = self  # imap: the caller is behind; wait for it
+                if result._issued - result._taken >= self.ahead:
+                    i += 1
+                    continue
+                result._engine = None
             try:
-                item = next(self.jobs[0])
+                item = next(source)
             except StopIteration:
-                self.jobs.popleft()
+                del self.jobs[i]
                 continue
             except Exception as e:  # pragma: no cover - sources catch their own errors
-                self.jobs.popleft()
+                del self.jobs[i]
                 print("pyparallel: task source failed:", repr(e), file=sys.stderr)
                 continue
+            if result is not None:
+                result._issued += 1
             result, idx, tid, parts = item
             if tid is None:  # could not be encoded: fail that item only
                 done.append((result, idx, (False, parts)))
@@ -364,17 +390,15 @@ class _Engine:
                 self.outgoing[best] = (parts, pos, size)
 
     def _fail_everything(self, err, done):
+        """Every pending result fails with err (the pool cannot run tasks any more)."""
         for slot in range(self.n):
             self.inflight[slot].clear()
             self.outgoing[slot] = None
-        for tid, (result, idx, _) in self.tasks.items():
-            done.append((result, idx, (False, err)))
         self.tasks.clear()
-        while True:
-            item = self._next_task(done)
-            if item is None:
-                break
-            done.append((item[0], item[1], (False, err)))
+        self.retry.clear()
+        self.jobs.clear()
+        for result in list(self.cache.values()):
+            done.append((result, None, err))
 
     def _on_message(self, slot, msg, done):
         tid = _serialize.peek_tid(msg)
@@ -458,7 +482,10 @@ class _Engine:
     def _complete(self, done):
         for result, idx, obj in done:
             try:
-                result._set(idx, obj)
+                if idx is None:
+                    _abort(result, obj)
+                else:
+                    result._set(idx, obj)
             except KeyError:  # already completed (terminate)
                 pass
 
@@ -499,13 +526,18 @@ class _Engine:
 
     # -- called by the Pool --
 
-    def submit(self, source):
-        """Queue a task source and write what fits right away, from the caller's thread."""
+    def submit(self, source, throttle=None):
+        """Queue a task source and write what fits right away, from the caller's thread.
+        ``throttle``: an IMapIterator whose unconsumed results bound how far ahead to go."""
         done = []
         with self.lock:
-            self.jobs.append(source)
+            self.jobs.append((source, throttle))
             self._pump(done)
         self._complete(done)
+
+    def kick(self):
+        """The caller consumed imap results: feed more."""
+        self.ch.notify()
 
     def close(self):
         with self.lock:
@@ -778,7 +810,8 @@ class Pool:
                                 self._processes)
         fb = _serialize.dumps_func(func)
         result = cls(self)
-        self._engine.submit(self._lazy(result, fb, iterable, chunksize, result._set_length))
+        self._engine.submit(self._lazy(result, fb, iterable, chunksize, result._set_length),
+                            result)
         if chunksize == 1:
             return result
         return (item for chunk in result for item in chunk)
