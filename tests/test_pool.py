@@ -141,8 +141,22 @@ def no_leaks():
     extra.discard(multiprocessing.forkserver._forkserver._forkserver_pid)
     extra.discard(multiprocessing.resource_tracker._resource_tracker._pid)
     assert not extra, f"leaked child processes: {extra}"
+    # The channel is a memfd: nothing may appear in /dev/shm (other programs on this machine
+    # may create files there, so only look for ours), and no channel may stay mapped or open.
     if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) - shm_before == set()
+        assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "pyparallel" in n]
+    if not any(t.name == "pyparallel-collector" and t.is_alive() for t in threading.enumerate()):
+        assert _open_channels() == 0, "a channel memfd is still open"
+
+
+def _open_channels():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "pyparallel-channel" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
 
 
 # ---- core API under every start method ----
