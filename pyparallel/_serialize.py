@@ -15,6 +15,7 @@ from __future__ import annotations
 import pickle
 import struct
 import types
+import weakref
 
 import cloudpickle
 
@@ -23,17 +24,61 @@ _HEAD = struct.Struct("<QII")
 OOB_MIN = 32 * 1024
 
 
+_by_value_cache = weakref.WeakKeyDictionary()  # function -> (fingerprint, pickle)
+
+
+def _fingerprint(func):
+    """What a by-value pickle of a plain function depends on, by identity: its code,
+    defaults, closure cells' contents and the globals it names. (An object mutated in place
+    keeps its identity: such a change is not seen, as under the fork start method.)"""
+    try:
+        names = _code_globals(func.__code__)
+    except Exception:
+        return None
+    g = func.__globals__
+    cells = tuple(c.cell_contents if _cell_full(c) else None for c in func.__closure__ or ())
+    # the objects themselves (compared with `is`), so that their ids cannot be reused
+    return (func.__code__, func.__defaults__, func.__kwdefaults__, *cells,
+            *(g.get(n) for n in names))
+
+
+def _cell_full(cell):
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+def _code_globals(code):
+    from cloudpickle.cloudpickle import _extract_code_globals
+
+    return tuple(_extract_code_globals(code))
+
+
 def dumps_func(func) -> bytes:
     """Pickle a callable so that any worker (fork, forkserver, spawn) can load it."""
     module = getattr(func, "__module__", None)
-    if module != "__main__" and not (
-        isinstance(func, types.FunctionType) and "<" in func.__qualname__
-    ):
+    plain = isinstance(func, types.FunctionType)
+    if module != "__main__" and not (plain and "<" in func.__qualname__):
         try:
             return pickle.dumps(func, 5)
         except Exception:
             pass
-    return cloudpickle.dumps(func, 5)
+    if not plain:
+        return cloudpickle.dumps(func, 5)
+    # By value: cloudpickle costs tens of microseconds, so reuse the pickle while nothing
+    # it captured has changed (an apply_async loop on a notebook function).
+    fp = _fingerprint(func)
+    hit = _by_value_cache.get(func)
+    if fp is not None and hit is not None and len(hit[0]) == len(fp) and all(
+        a is b for a, b in zip(hit[0], fp)
+    ):
+        return hit[1]
+    data = cloudpickle.dumps(func, 5)
+    if fp is not None:
+        _by_value_cache[func] = (fp, data)
+    return data
 
 
 def dumps_by_value(obj) -> bytes:

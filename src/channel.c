@@ -30,6 +30,7 @@
 #define PP_CHAN_MAGIC 0x70706368616e3031ULL /* "ppchan01" */
 #define PP_WAIT_SLICE_MS 100                /* how often a blocked wait looks at signals */
 #define PP_NOGIL_COPY 65536                 /* copies at least this big release the GIL */
+#define PP_WORKER_SPIN_NS 50000             /* a worker polls this long before it sleeps */
 
 /* One direction between the parent and one worker. Counters only grow; offset = count % cap. */
 typedef struct {
@@ -76,6 +77,52 @@ typedef struct {
 } ChannelObject;
 
 /* ---- GIL-free helpers ---- */
+
+static inline void
+pp_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline int64_t
+pp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Polls `ready(arg)` for up to ns nanoseconds: a sleep and a wakeup cost tens of
+ * microseconds on a busy or virtual machine, more than a short task takes. */
+static int
+pp_spin(int (*ready)(void *), void *arg, int64_t ns)
+{
+    if (ready(arg)) {
+        return 1;
+    }
+    int64_t end = pp_now_ns() + ns;
+    for (unsigned i = 1;; i++) {
+        pp_cpu_relax();
+        if (ready(arg)) {
+            return 1;
+        }
+        if ((i & 63) == 0 && pp_now_ns() >= end) {
+            return 0;
+        }
+    }
+}
+
+static int
+pp_ring_has_data(void *arg)
+{
+    pp_ring *r = arg;
+    return atomic_load_explicit(&r->head, memory_order_acquire) !=
+           atomic_load_explicit(&r->tail, memory_order_relaxed);
+}
 
 static inline pp_chan_hdr *
 pp_hdr(ChannelObject *ch)
@@ -567,6 +614,45 @@ pp_parent_ready(ChannelObject *ch)
     return 0;
 }
 
+static int
+pp_parent_ready_cb(void *arg)
+{
+    return pp_parent_ready((ChannelObject *)arg);
+}
+
+/* spin(usec) -> bool: parent side, for a caller about to block on a result: polls the rings
+ * for up to usec microseconds (GIL released) while the workers are told not to wake the
+ * collector; True when there is something to collect. Afterwards the collector is armed
+ * again, and woken if something arrived in the meantime. */
+static PyObject *
+Channel_spin(PyObject *self, PyObject *arg)
+{
+    ChannelObject *ch = (ChannelObject *)self;
+    double us = PyFloat_AsDouble(arg);
+    if ((us == -1.0 && PyErr_Occurred()) || pp_check_slot(ch, 0) < 0) {
+        return NULL;
+    }
+    if (!ch->owner) {
+        PyErr_SetString(PyExc_ValueError, "spin() is for the channel's owner");
+        return NULL;
+    }
+    int found;
+    Py_BEGIN_ALLOW_THREADS
+    pp_chan_hdr *h = pp_hdr(ch);
+    atomic_store(&h->parent_waiting, 0);
+    found = pp_spin(pp_parent_ready_cb, ch, (int64_t)(us * 1000.0));
+    atomic_store(&h->parent_waiting, 1);
+    if (!found && pp_parent_ready(ch)) {
+        /* arrived while the workers were told not to write: hand it to the collector */
+        char b = 1;
+        if (write(ch->wfd, &b, 1) < 0) {
+            /* EAGAIN: the pipe is full, so the collector wakes anyway */
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(found);
+}
+
 /* wait(fds, timeout) -> bool: parent side, sleeps (GIL released) until a result or ring space
  * arrives, one of `fds` (worker sentinels) becomes readable, notify() is called, or timeout
  * seconds pass (None: no limit). True unless it timed out. */
@@ -706,6 +792,9 @@ Channel_recv(PyObject *self, PyObject *arg)
                     pp_wake_parent(ch);
                 }
                 break;
+            }
+            if (pp_spin(pp_ring_has_data, r, PP_WORKER_SPIN_NS)) {
+                continue;
             }
             st = pp_ring_wait(r, cap, 1);
             if (st != PP_OK) {
@@ -860,6 +949,9 @@ static PyMethodDef Channel_methods[] = {
     {"wait", Channel_wait, METH_VARARGS,
      "wait(fds, timeout=None)\n--\n\nParent: sleep until there is work, an fd is readable, "
      "notify() is called or the timeout passes. False on timeout."},
+    {"spin", Channel_spin, METH_O,
+     "spin(usec)\n--\n\nParent: poll the rings for up to usec microseconds; True when "
+     "there is something to collect."},
     {"notify", Channel_notify, METH_NOARGS, "notify()\n--\n\nWake the parent out of wait()."},
     {"reset", Channel_reset, METH_O, "reset(slot)\n--\n\nParent: empty a dead worker's rings."},
     {"recv", Channel_recv, METH_O,
