@@ -306,17 +306,21 @@ class _Engine:
         self.tid = itertools.count()
         self.broken = None
         self.leaving = False
-        self.thread = None
-        try:
-            for i in range(processes):
-                self._spawn(i)
-        except BaseException:
-            self._kill_all()
-            self.ch.close()
-            raise
+        # The collector starts first, while the CPUs are not busy with starting workers (a
+        # thread start waits until the new thread runs). Idle in poll(), it holds no lock a
+        # forked worker could inherit; the workers appear under self.lock.
         self.thread = threading.Thread(target=self._collect, name="pyparallel-collector", daemon=True)
         _collectors.add(self.thread)
         self.thread.start()
+        try:
+            with self.lock:
+                for i in range(processes):
+                    self._spawn(i)
+        except BaseException:
+            self.terminate()
+            self.ch.close()
+            raise
+        self.ch.notify()  # the collector now watches the workers' sentinels
 
     # -- workers --
 
