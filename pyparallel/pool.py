@@ -781,7 +781,12 @@ class Pool:
         result = MapResult(self, chunksize, len(iterable), callback, error_callback=error_callback)
         if chunksize:
             try:
-                items = self._eager(result, fb, _chunks(iterable, chunksize), kind)
+                if isinstance(iterable, range):  # a range's chunks are ranges: 3 ints each
+                    batches = (iterable[i:i + chunksize]
+                               for i in range(0, len(iterable), chunksize))
+                else:
+                    batches = _chunks(iterable, chunksize)
+                items = self._eager(result, fb, batches, kind)
             except BaseException:
                 self._cache.pop(result._job, None)
                 raise
