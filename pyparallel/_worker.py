@@ -64,7 +64,10 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks):
             wrapped = MaybeEncodingError(e, result[1])
             parts = _serialize.encode(tid, (False, wrapped))
         result = None
-        ch.send(slot, parts)
+        try:
+            ch.send(slot, parts)
+        except BrokenPipeError:  # the parent died while we were running
+            break
         parts = None
         done += 1
     ch.close()

@@ -287,6 +287,7 @@ class _Engine:
 
     def __init__(self, processes, ctx, init, maxtasks, cache):
         self.n = processes
+        self.pid = os.getpid()  # a forked copy of this engine must not touch the workers
         self.ctx = ctx
         self.init = init
         self.maxtasks = maxtasks
@@ -598,6 +599,8 @@ class _Engine:
         self.ch.notify()
 
     def terminate(self):
+        if os.getpid() != self.pid:
+            return
         with self.lock:
             already = self.state == TERMINATE
             self.state = TERMINATE
@@ -686,6 +689,8 @@ class Pool:
     def _check_running(self):
         if self._state != RUN:
             raise ValueError("Pool not running")
+        if self._engine.pid != os.getpid():
+            raise ValueError("Pool not running: it belongs to the process that created it")
 
     def __reduce__(self):
         raise NotImplementedError(

@@ -553,3 +553,73 @@ def test_parent_killed_workers_exit():
     proc.kill()
     proc.wait()
     assert _wait_gone(pids), "orphaned workers did not exit"
+
+
+def test_forked_child_does_not_touch_parents_pool():
+    with Pool(2) as p:
+        pid = os.fork()
+        if pid == 0:  # the child's copy of the pool refuses work and terminates nothing
+            code = 0
+            try:
+                p.map(square, [1])
+                code = 1
+            except ValueError:
+                pass
+            p.terminate()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_starmap_async_and_map_error_callback():
+    errs = []
+    with Pool(2) as p:
+        assert p.starmap_async(add, [(1, 2), (3, 4)]).get(30) == [3, 7]
+        r = p.map_async(boom, range(8), chunksize=2, error_callback=errs.append)
+        with pytest.raises(ZeroDivisionError):
+            r.get(30)
+        assert not r.successful()
+    assert len(errs) == 1 and isinstance(errs[0], ZeroDivisionError)
+
+
+_scale = 2
+
+
+def test_by_value_functions_see_rebound_globals():
+    global _scale
+    src = "def f(x):\n    return x * _scale\n"
+    ns = {"__name__": "__main__", "_scale": 2}
+    exec(src, ns)  # a function "defined in __main__": pickled by value
+    f = ns["f"]
+    with Pool(2, context="spawn") as p:
+        assert p.map(f, [1, 2]) == [2, 4]
+        ns["_scale"] = 10
+        assert p.map(f, [1, 2]) == [10, 20]
+
+
+def _raise_on_load(msg):
+    raise LookupError(msg)
+
+
+class FailsToUnpickle:
+    """Pickles fine; raises wherever it is unpickled."""
+
+    def __init__(self, msg):
+        self.msg = msg
+
+    def __reduce__(self):
+        return (_raise_on_load, (self.msg,))
+
+
+def returns_fails_to_unpickle(x):
+    return FailsToUnpickle(f"result {x}")
+
+
+def test_unpickling_failures_fail_only_their_task():
+    with Pool(2) as p:
+        with pytest.raises(LookupError, match="in worker"):
+            p.apply(echo, (FailsToUnpickle("in worker"),))
+        with pytest.raises(LookupError, match="result 1"):
+            p.apply(returns_fails_to_unpickle, (1,))
+        assert p.map(square, range(3)) == [0, 1, 4]
