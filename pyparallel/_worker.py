@@ -26,9 +26,12 @@ def _run(func, args, kind):
     return func(*a, **kw)
 
 
-def main(parent_pid, fd, pipe_fd, slot, init, maxtasks):
+def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
     # Ctrl-C is the parent's business: it terminates the workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    _core.set_default_threads(threads)
     ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
     if init is not None:
         try:

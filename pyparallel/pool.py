@@ -15,8 +15,19 @@ its exception classes), on a shared-memory transport written in C::
 
 There is no task-handler thread: the caller writes tasks into the rings itself, at most
 ``WINDOW`` chunks ahead per worker; the rest is fed by the collector as results come back, so
-``imap`` over an endless generator holds a bounded window in memory. Large buffers (numpy
-arrays, bytes) travel out of band: copied once, from their memory into the ring.
+``imap`` over an endless generator holds a bounded window in memory (at most ``4 * WINDOW *
+processes`` results wait unread). Large buffers (numpy arrays, bytes) travel out of band:
+copied once, from their memory into the ring. A ``range`` is chunked into ranges.
+
+Waiting: a worker polls its ring for 50 us after a task before it sleeps on a futex, and a
+caller about to block in ``get()``/``next()`` first polls the result rings itself for
+``SPIN_US`` and completes what arrived, so a short round trip costs no sleep and no wakeup
+(each costs tens of microseconds on a busy or virtual machine). Otherwise the collector is
+woken through a pipe, only when it said it sleeps.
+
+Each worker serves one slot: its own pair of rings, so a worker's death can corrupt nothing
+but its slot, which is reset before the replacement starts; results come back in order per
+slot, so the task a dead worker was running is the oldest one it held.
 
 What it adds over multiprocessing:
 
@@ -329,7 +340,8 @@ class _Engine:
         fd, pipe_fd = self.ch.fds
         p = self.ctx.Process(
             target=_worker.main,
-            args=(os.getpid(), fd, pipe_fd, slot, self.init, self.maxtasks),
+            args=(os.getpid(), fd, pipe_fd, slot, self.init, self.maxtasks,
+                  max(1, cpu_count() // self.n)),
             name=f"PyParallelPoolWorker-{slot}",
             daemon=True,
         )
