@@ -69,6 +69,7 @@ import threading
 import traceback
 import warnings
 import weakref
+from time import monotonic as _monotonic
 
 from . import _core, _serialize, _worker
 from ._cpu import cpu_count
@@ -96,8 +97,10 @@ MaybeEncodingError = _mpp.MaybeEncodingError
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
-#: chunks sent ahead to each worker (one running, the rest queued in its ring)
+#: chunks sent ahead to each worker (one running, the rest queued in its ring) ...
 WINDOW = 2
+#: ... unless tasks take longer than this (seconds): then one each, for the best balance
+LONG_TASK = 0.002
 TASK_RING_BYTES = 8 << 20
 RESULT_RING_BYTES = 2 << 20
 #: the collector looks at everything at least this often, whatever the wakeups say
@@ -311,7 +314,9 @@ class _Engine:
         self.inflight = [collections.deque() for _ in range(processes)]
         self.outgoing = [None] * processes  # (parts, pos, size) of a message being written
         self.stalled = 0  # how many outgoing entries are not None
-        self.tasks = {}  # tid -> (result, index, parts)
+        self.tasks = {}  # tid -> (result, index, parts, dispatch time)
+        self.task_time = 0.0  # moving average of the tasks' service times (seconds)
+        self.last_result = [0.0] * processes
         self.retry = collections.deque()  # (result, index, tid, parts) to send first
         self.jobs = []  # (iterator of (result, index, tid, parts | exception), throttle)
         self.ahead = max(4 * WINDOW * processes, 16)  # imap: results allowed to wait unread
@@ -413,12 +418,13 @@ class _Engine:
                     self.stalled -= 1
                 else:
                     self.outgoing[slot] = (parts, pos, size)
+        window = 1 if self.task_time > LONG_TASK else WINDOW
         while True:
             best = None
             for slot in range(self.n):
                 if self.workers[slot] is None or self.outgoing[slot] is not None:
                     continue
-                if len(self.inflight[slot]) >= WINDOW:
+                if len(self.inflight[slot]) >= window:
                     continue
                 if self.maxtasks is not None and self.sent[slot] >= self.maxtasks:
                     continue
@@ -430,7 +436,7 @@ class _Engine:
             if item is None:
                 return
             result, idx, tid, parts = item
-            self.tasks[tid] = (result, idx, parts)
+            self.tasks[tid] = (result, idx, parts, _monotonic())
             self.inflight[best].append(tid)
             self.sent[best] += 1
             size = _serialize.parts_size(parts)
@@ -474,6 +480,12 @@ class _Engine:
                 dq.remove(tid)
             except ValueError:
                 pass
+        # Service time of the task (it may have waited in the ring behind the previous one):
+        # long tasks are not queued ahead, so that a free worker always takes the next one.
+        now = _monotonic()
+        dt = now - max(entry[3], self.last_result[slot])
+        self.last_result[slot] = now
+        self.task_time += 0.3 * (dt - self.task_time)
         done.append((entry[0], entry[1], obj))
 
     def _drain(self, slot, done):
@@ -493,7 +505,7 @@ class _Engine:
         if held:
             # Results come back in order, so the oldest task is the one it was running.
             tid = held.popleft()
-            result, idx, _ = self.tasks.pop(tid)
+            result, idx, _, _ = self.tasks.pop(tid)
             if self.broken is None:
                 err = WorkerLostError(_describe_exit(p.pid, code) + " while running a task")
                 done.append((result, idx, (False, err)))
@@ -501,7 +513,7 @@ class _Engine:
                 done.append((result, idx, (False, self.broken)))
             while held:  # never started: send them again
                 t = held.pop()
-                r, i, parts = self.tasks.pop(t)
+                r, i, parts, _ = self.tasks.pop(t)
                 self.retry.appendleft((r, i, t, parts))
         if self.outgoing[slot] is not None:
             self.outgoing[slot] = None
