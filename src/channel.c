@@ -1,4 +1,6 @@
 /* channel.c: the shared-memory transport between a Pool's parent and its workers.
+ * (The parent's put/get/reset are called by one thread at a time, under the pool's lock;
+ * wait/spin/notify touch only atomics and the pipe and may run beside them.)
  *
  * One memfd region (nothing in /dev/shm) holds, per worker slot, a task ring (parent ->
  * worker) and a result ring (worker -> parent). Each ring has exactly one producer and one
@@ -501,6 +503,11 @@ Channel_put(PyObject *self, PyObject *args)
         return NULL;
     }
     if (pp_get_views(parts, &views, &n, &total) < 0) {
+        return NULL;
+    }
+    if (pos > total + 8) {
+        pp_release_views(views, n);
+        PyErr_SetString(PyExc_ValueError, "put(): pos is past the end of the message");
         return NULL;
     }
     memcpy(hdr, &total, 8);
