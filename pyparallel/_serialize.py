@@ -24,30 +24,27 @@ _HEAD = struct.Struct("<QII")
 OOB_MIN = 32 * 1024
 
 
-_by_value_cache = weakref.WeakKeyDictionary()  # function -> (fingerprint, pickle)
+_by_value_cache = weakref.WeakKeyDictionary()  # function -> (captured objects, names, pickle)
 
 
-def _fingerprint(func):
-    """What a by-value pickle of a plain function depends on, by identity: its code,
-    defaults, closure cells' contents and the globals it names. (An object mutated in place
-    keeps its identity: such a change is not seen, as under the fork start method.)"""
-    try:
-        names = _code_globals(func.__code__)
-    except Exception:
-        return None
+def _captured(func, names):
+    """What a by-value pickle of a plain function depends on: its code, defaults, closure
+    cells' contents and the globals it names. The cache compares them by identity (an object
+    mutated in place keeps its identity: such a change is not seen, as under fork)."""
     g = func.__globals__
-    cells = tuple(c.cell_contents if _cell_full(c) else None for c in func.__closure__ or ())
-    # the objects themselves (compared with `is`), so that their ids cannot be reused
-    return (func.__code__, func.__defaults__, func.__kwdefaults__, *cells,
-            *(g.get(n) for n in names))
+    out = [func.__code__, func.__defaults__, func.__kwdefaults__]
+    for c in func.__closure__ or ():
+        try:
+            out.append(c.cell_contents)
+        except ValueError:  # an empty cell
+            out.append(_cell_full)
+    for n in names:
+        out.append(g.get(n, _cell_full))
+    return out
 
 
-def _cell_full(cell):
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
+def _cell_full():  # a marker: never a real global or cell value
+    pass
 
 
 def _code_globals(code):
@@ -69,15 +66,17 @@ def dumps_func(func) -> bytes:
         return cloudpickle.dumps(func, 5)
     # By value: cloudpickle costs tens of microseconds, so reuse the pickle while nothing
     # it captured has changed (an apply_async loop on a notebook function).
-    fp = _fingerprint(func)
     hit = _by_value_cache.get(func)
-    if fp is not None and hit is not None and len(hit[0]) == len(fp) and all(
-        a is b for a, b in zip(hit[0], fp)
-    ):
-        return hit[1]
+    if hit is not None and hit[0][0] is func.__code__:
+        now = _captured(func, hit[1])
+        if len(now) == len(hit[0]) and all(a is b for a, b in zip(now, hit[0])):
+            return hit[2]
     data = cloudpickle.dumps(func, 5)
-    if fp is not None:
-        _by_value_cache[func] = (fp, data)
+    try:
+        names = _code_globals(func.__code__)
+        _by_value_cache[func] = (_captured(func, names), names, data)
+    except Exception:
+        pass
     return data
 
 

@@ -623,3 +623,16 @@ def test_unpickling_failures_fail_only_their_task():
         with pytest.raises(LookupError, match="result 1"):
             p.apply(returns_fails_to_unpickle, (1,))
         assert p.map(square, range(3)) == [0, 1, 4]
+
+
+def test_many_threads_wait_on_one_result():
+    with Pool(2) as p:
+        r = p.apply_async(sleepy, (0.3,))
+        got = []
+        ts = [threading.Thread(target=lambda: got.append(r.get(30))) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert got == [0.3] * 4
+        assert r.wait(0) is None  # as multiprocessing: wait() returns None
