@@ -17,7 +17,6 @@ import struct
 import types
 import weakref
 
-import cloudpickle
 
 _HEAD = struct.Struct("<QII")
 #: buffers at least this big travel out of band (straight from their memory into the ring)
@@ -63,7 +62,7 @@ def dumps_func(func) -> bytes:
         except Exception:
             pass
     if not plain:
-        return cloudpickle.dumps(func, 5)
+        return _cloudpickle().dumps(func, 5)
     # By value: cloudpickle costs tens of microseconds, so reuse the pickle while nothing
     # it captured has changed (an apply_async loop on a notebook function).
     hit = _by_value_cache.get(func)
@@ -71,7 +70,7 @@ def dumps_func(func) -> bytes:
         now = _captured(func, hit[1])
         if len(now) == len(hit[0]) and all(a is b for a, b in zip(now, hit[0])):
             return hit[2]
-    data = cloudpickle.dumps(func, 5)
+    data = _cloudpickle().dumps(func, 5)
     try:
         names = _code_globals(func.__code__)
         _by_value_cache[func] = (_captured(func, names), names, data)
@@ -80,9 +79,16 @@ def dumps_func(func) -> bytes:
     return data
 
 
+def _cloudpickle():
+    # imported when first needed: workers load by-value pickles without it imported here
+    import cloudpickle
+
+    return cloudpickle
+
+
 def dumps_by_value(obj) -> bytes:
     """cloudpickle: for one-off objects such as (initializer, initargs)."""
-    return cloudpickle.dumps(obj, 5)
+    return _cloudpickle().dumps(obj, 5)
 
 
 def encode(tid: int, obj) -> tuple:
@@ -101,7 +107,7 @@ def encode(tid: int, obj) -> tuple:
     except (pickle.PicklingError, AttributeError, TypeError):
         # e.g. a lambda among the arguments: by value; a truly unpicklable object raises again
         bufs.clear()
-        data = cloudpickle.dumps(obj, 5, buffer_callback=oob)
+        data = _cloudpickle().dumps(obj, 5, buffer_callback=oob)
     head = _HEAD.pack(tid, len(bufs), len(data))
     if bufs:
         head += struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
