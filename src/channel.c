@@ -21,6 +21,7 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -75,6 +76,7 @@ typedef struct {
     int wfd;         /* write end of the wake pipe (parent: both ends) */
     int owner;       /* 1 in the parent that created it */
     pid_t peer;      /* worker: the parent's pid, to notice its death */
+    unsigned long long peer_start; /* worker: the parent's start time, against pid reuse */
     pp_partial *partial; /* parent: one per slot */
 } ChannelObject;
 
@@ -271,16 +273,52 @@ pp_ring_wait(pp_ring *r, uint64_t cap, int want_data)
 
 /* ---- Python-facing helpers ---- */
 
-/* Between slices of a blocking worker-side wait: run signal handlers, notice a dead parent. */
+/* Reads the state letter and start time (clock ticks since boot) of a process from
+ * /proc/<pid>/stat; -1 when it does not exist. */
+static int
+pp_proc_stat(pid_t pid, char *state, unsigned long long *start)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return -1;
+    }
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) {
+        return -1;
+    }
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* the command name may contain anything but ends here */
+    if (p == NULL || p[1] != ' ') {
+        return -1;
+    }
+    *state = p[2];
+    p += 3;
+    for (int field = 4; field < 22 && p != NULL; field++) { /* starttime is field 22 */
+        p = strchr(p + 1, ' ');
+    }
+    *start = p != NULL ? strtoull(p + 1, NULL, 10) : 0;
+    return 0;
+}
+
+/* Between slices of a blocking worker-side wait: run signal handlers, notice a dead parent
+ * (gone, a zombie nobody reaped yet, or its pid reused by another process). */
 static int
 pp_worker_check(ChannelObject *ch)
 {
     if (PyErr_CheckSignals() < 0) {
         return -1;
     }
-    if (ch->peer > 0 && kill(ch->peer, 0) < 0 && errno == ESRCH) {
-        PyErr_SetString(PyExc_BrokenPipeError, "pyparallel: the pool's parent process exited");
-        return -1;
+    if (ch->peer > 0) {
+        char state;
+        unsigned long long start;
+        if (pp_proc_stat(ch->peer, &state, &start) < 0 || state == 'Z' || state == 'X' ||
+            start != ch->peer_start) {
+            PyErr_SetString(PyExc_BrokenPipeError, "pyparallel: the pool's parent process exited");
+            return -1;
+        }
     }
     return 0;
 }
@@ -393,6 +431,12 @@ Channel_attach(PyObject *cls, PyObject *args)
     ChannelObject *ch = pp_channel_alloc((PyTypeObject *)cls);
     if (ch == NULL) {
         return NULL;
+    }
+    char state;
+    if (pp_proc_stat(pid, &state, &ch->peer_start) < 0) {
+        errno = ESRCH;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
     }
     ch->peer = pid;
     snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);

@@ -551,7 +551,7 @@ def test_parent_killed_workers_exit():
     """)
     pids = [int(x) for x in proc.stdout.readline().split()]
     proc.kill()
-    proc.wait()
+    proc.communicate()
     assert _wait_gone(pids), "orphaned workers did not exit"
 
 
