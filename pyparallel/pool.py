@@ -336,6 +336,7 @@ class _Engine:
 
     def __init__(self, processes, ctx, init, maxtasks, cache):
         self.n = processes
+        self.threads = max(1, cpu_count() // processes)  # each worker's share, for kernels
         self.pid = os.getpid()  # a forked copy of this engine must not touch the workers
         self.ctx = ctx
         self.init = init
@@ -380,8 +381,7 @@ class _Engine:
         fd, pipe_fd = self.ch.fds
         p = self.ctx.Process(
             target=_worker.main,
-            args=(os.getpid(), fd, pipe_fd, slot, self.init, self.maxtasks,
-                  max(1, cpu_count() // self.n)),
+            args=(os.getpid(), fd, pipe_fd, slot, self.init, self.maxtasks, self.threads),
             name=f"PyParallelPoolWorker-{slot}",
             daemon=True,
         )
