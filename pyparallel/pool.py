@@ -444,10 +444,19 @@ class _Engine:
             return
         if not self.jobs and not self.retry and self.stalled == 0:
             return
+        written = []
+        try:
+            self._write_tasks(done, written)
+        finally:
+            for slot in written:  # wake the workers only once everything is written
+                self.ch.wake(slot)
+
+    def _write_tasks(self, done, written):
         for slot, out in enumerate(self.outgoing):
             if out is not None:
                 parts, pos, size = out
-                pos = self.ch.put(slot, parts, pos)
+                pos = self.ch.put(slot, parts, pos, False)
+                written.append(slot)
                 if pos == size:
                     self.outgoing[slot] = None
                     self.stalled -= 1
@@ -475,7 +484,9 @@ class _Engine:
             self.inflight[best].append(tid)
             self.sent[best] += 1
             size = _serialize.parts_size(parts)
-            pos = self.ch.put(best, parts, 0)
+            pos = self.ch.put(best, parts, 0, False)
+            if best not in written:
+                written.append(best)
             if pos != size:
                 self.outgoing[best] = (parts, pos, size)
                 self.stalled += 1

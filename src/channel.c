@@ -539,11 +539,13 @@ Channel_put(PyObject *self, PyObject *args)
     long slot;
     PyObject *parts;
     unsigned long long pos = 0;
+    int wake = 1;
     Py_buffer *views = NULL;
     Py_ssize_t n = 0;
     uint64_t total;
     unsigned char hdr[8];
-    if (!PyArg_ParseTuple(args, "lO|K:put", &slot, &parts, &pos) || pp_check_slot(ch, slot) < 0) {
+    if (!PyArg_ParseTuple(args, "lO|Kp:put", &slot, &parts, &pos, &wake) ||
+        pp_check_slot(ch, slot) < 0) {
         return NULL;
     }
     if (pp_get_views(parts, &views, &n, &total) < 0) {
@@ -571,10 +573,25 @@ Channel_put(PyObject *self, PyObject *args)
     pos += written;
     /* While set, the worker wakes the collector whenever it reads. */
     atomic_store(&r->prod_wait, pos < total + 8);
-    if (written) {
+    if (written && wake) {
         pp_ring_signal_data(r);
     }
     return PyLong_FromUnsignedLongLong(pos);
+}
+
+/* wake(slot): parent side, wakes the slot's worker for data written with put(wake=False).
+ * Writing several tasks first and waking afterwards keeps a woken worker from taking the
+ * CPU of the thread that is still writing. */
+static PyObject *
+Channel_wake(PyObject *self, PyObject *arg)
+{
+    ChannelObject *ch = (ChannelObject *)self;
+    long slot = PyLong_AsLong(arg);
+    if ((slot == -1 && PyErr_Occurred()) || pp_check_slot(ch, slot) < 0) {
+        return NULL;
+    }
+    pp_ring_signal_data(pp_task_ring(ch, (uint32_t)slot));
+    Py_RETURN_NONE;
 }
 
 /* get(slot) -> bytearray | None: parent side, the next complete result message of a slot, or
@@ -993,8 +1010,10 @@ static PyMethodDef Channel_methods[] = {
     {"attach", Channel_attach, METH_VARARGS | METH_CLASS,
      "attach(pid, fd, pipe_fd)\n--\n\nA worker's view of the channel of process pid."},
     {"put", Channel_put, METH_VARARGS,
-     "put(slot, parts, pos=0)\n--\n\nParent: write what fits of a task message; returns the "
-     "new position (complete at 8 + total length). Never blocks."},
+     "put(slot, parts, pos=0, wake=True)\n--\n\nParent: write what fits of a task message; "
+     "returns the new position (complete at 8 + total length). Never blocks."},
+    {"wake", Channel_wake, METH_O,
+     "wake(slot)\n--\n\nParent: wake the worker of a slot written with put(wake=False)."},
     {"get", Channel_get, METH_O,
      "get(slot)\n--\n\nParent: the next complete result message (bytearray) or None."},
     {"wait", Channel_wait, METH_VARARGS,
