@@ -52,7 +52,8 @@ Start method: ``context=`` takes a multiprocessing context or a name ("fork", "f
 "spawn"). The default is **fork when it is safe** (this process has a single OS thread,
 counting /proc/self/task but not pyparallel pools' own collector threads, so no OpenMP
 runtime or other library thread could be caught mid-lock by the fork) and **forkserver
-otherwise**. Workers are found through ``/proc/<parent>/fd``, the same way under all three.
+otherwise** (importing numpy starts an OpenBLAS thread, so with numpy the default is
+forkserver; ``context="fork"`` chooses fork explicitly). Workers are found through ``/proc/<parent>/fd``, the same way under all three.
 """
 from __future__ import annotations
 
