@@ -52,7 +52,8 @@ pp_exec(PyObject *module)
     if (pp_kernels_exec(module, st) < 0) {
         return -1;
     }
-    if (pp_shm_exec(module, st) < 0 || pp_sync_exec(module, st) < 0) {
+    if (pp_shm_exec(module, st) < 0 || pp_sync_exec(module, st) < 0 ||
+        pp_channel_exec(module, st) < 0) {
         return -1;
     }
     return 0;

@@ -28,7 +28,8 @@ PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X) X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType)
+#define PP_STATE_OBJECTS(X) \
+    X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -72,5 +73,7 @@ int pp_is_semlock(PyObject *o);
 /* Acquires (blocking) / releases `lock`: 0 or 1 on success, -1 with an exception set. */
 int pp_lock_enter(PyObject *lock, int fast);
 int pp_lock_exit(PyObject *lock, int fast);
+/* ---- channel.c: shared-memory rings between a pool's parent and its workers ---- */
+int pp_channel_exec(PyObject *module, pp_state *st);
 
 #endif /* PP_H */
