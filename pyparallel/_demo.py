@@ -2,7 +2,8 @@
 
 Every row computes the same answer as the serial pure-Python row (checked, not assumed);
 the speedup column is against that row. Pool-based rows include the pool's start-up, as a
-user's script would.
+user's script would: multiprocessing.Pool with fork, pyparallel.Pool with its default start
+method.
 """
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def _processes(fn, inputs, n):
         return pool.map(fn, inputs)
 
 
+def _pyparallel_pool(fn, inputs, n):
+    from .pool import Pool
+
+    with Pool(n) as pool:
+        return pool.map(fn, inputs)
+
+
 class _Section:
     """Rows of one example: (label, seconds, speedup vs the first row), answers checked."""
 
@@ -86,6 +94,7 @@ def run_demo(out=None, workers=None):
     s.run("pure Python, serial", lambda: [py_fib(x) for x in FIB_NS])
     s.run(f"pure Python, {n} threads (the GIL serialises them)", lambda: _threads(py_fib, FIB_NS, n))
     s.run(f"pure Python, multiprocessing.Pool({n})", lambda: _processes(py_fib, FIB_NS, n))
+    s.run(f"pure Python, pyparallel.Pool({n})", lambda: _pyparallel_pool(py_fib, FIB_NS, n))
     s.run("pyparallel.kernels.fib, serial", lambda: [kernels.fib(x) for x in FIB_NS])
     s.run(f"pyparallel.kernels.fib, {n} Python threads", lambda: _threads(kernels.fib, FIB_NS, n))
     s.run("pyparallel.kernels.fib.map", lambda: kernels.fib.map(FIB_NS))
@@ -95,6 +104,8 @@ def run_demo(out=None, workers=None):
     s.run("pyparallel.kernels.fib, serial", lambda: [kernels.fib(x) for x in FIB_BIG])
     s.run(f"pyparallel.kernels.fib, {n} Python threads", lambda: _threads(kernels.fib, FIB_BIG, n))
     s.run("pyparallel.kernels.fib.map", lambda: kernels.fib.map(FIB_BIG))
+    s.run(f"pyparallel.Pool({n}).map(kernels.fib, ...) (threads)",
+          lambda: _pyparallel_pool(kernels.fib, FIB_BIG, n))
     s.print(out)
 
     cubes = [CUBE_N] * CUBE_TASKS
@@ -102,6 +113,7 @@ def run_demo(out=None, workers=None):
     s.run("pure Python, serial", lambda: [py_cube_loop(x) for x in cubes])
     s.run(f"pure Python, {n} threads (the GIL serialises them)", lambda: _threads(py_cube_loop, cubes, n))
     s.run(f"pure Python, multiprocessing.Pool({n})", lambda: _processes(py_cube_loop, cubes, n))
+    s.run(f"pure Python, pyparallel.Pool({n})", lambda: _pyparallel_pool(py_cube_loop, cubes, n))
     s.run("pyparallel.kernels.cube_loop, serial", lambda: [kernels.cube_loop(x) for x in cubes])
     s.run("pyparallel.kernels.cube_loop.map", lambda: kernels.cube_loop.map(cubes))
     s.print(out)

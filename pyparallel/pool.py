@@ -138,19 +138,24 @@ def _describe_exit(pid, code):
 _collectors = weakref.WeakSet()  # live collector threads, not counted by the fork-safety rule
 
 
-def _os_thread_count():
+def _foreign_thread_count():
+    """OS threads of this process other than pyparallel's own fork-safe ones (pools'
+    collectors, the kernels' thread team)."""
+    own = {t.native_id for t in list(_collectors) if t.is_alive()}
+    own.update(_core.team_thread_ids())
     try:
-        return len(os.listdir("/proc/self/task"))
+        tids = {int(t) for t in os.listdir("/proc/self/task")}
     except OSError:
-        return threading.active_count()
+        return threading.active_count() - len(own)
+    return len(tids - own)
 
 
 def default_start_method() -> str:
-    """"fork" when this process is single-threaded (ignoring pools' collector threads),
-    else "forkserver" (or "spawn" where forkserver does not exist)."""
+    """"fork" when this process is single-threaded (ignoring pools' collector threads and
+    the kernels' team, which are fork-safe), else "forkserver" (or "spawn" where forkserver
+    does not exist)."""
     methods = multiprocessing.get_all_start_methods()
-    own = sum(1 for t in list(_collectors) if t.is_alive())
-    if "fork" in methods and _os_thread_count() - own <= 1:
+    if "fork" in methods and _foreign_thread_count() <= 1:
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
 

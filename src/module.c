@@ -30,6 +30,10 @@ pp_get_default_threads(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef pp_module_methods[] = {
     {"set_default_threads", pp_set_default_threads, METH_O, pp_set_default_threads_doc},
     {"get_default_threads", pp_get_default_threads, METH_NOARGS, pp_get_default_threads_doc},
+    {"team_thread_ids", pp_team_thread_ids, METH_NOARGS,
+     "team_thread_ids($module, /)\n--\n\n"
+     "OS thread ids of the kernels' thread team. They survive fork() safely (see team.c),\n"
+     "so the Pool's fork-safety rule does not count them."},
     {NULL, NULL, 0, NULL},
 };
 

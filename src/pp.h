@@ -56,6 +56,9 @@ typedef void (*pp_range_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi);
  * Never fails: if threads cannot be started, the loop runs on the calling thread. */
 void pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx);
 
+/* _core.team_thread_ids(): OS thread ids of the team's threads (they are fork-safe). */
+PyObject *pp_team_thread_ids(PyObject *module, PyObject *ignored);
+
 /* Converts a `threads=` argument (None or a positive int) to a team size; -1 on error. */
 int pp_threads_arg(PyObject *module, PyObject *arg);
 

@@ -15,6 +15,9 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #ifdef PP_HAVE_OPENMP
 #include <omp.h>
 #endif
@@ -29,6 +32,7 @@ typedef struct {
 } pp_loop;
 
 #define PP_MAX_HELPERS 1024
+#define PP_MAX_TIDS 1024
 
 /* The team is process-wide state by nature: the OpenMP pool it owns is per process, and the
  * atfork handler that resets it receives no argument. It holds no Python object, so it is
@@ -45,8 +49,28 @@ static struct {
     int started;      /* threads started: the master (OpenMP) or helpers (fallback) */
     unsigned long born; /* generation when the latest threads were started: they wait for the next */
     bool atfork_registered;
+    /* OS thread ids of the team's threads (master, OpenMP workers, helpers), so that fork
+     * policy can tell them from threads that could hold a lock across fork(). */
+    int ntids;
+    pid_t tids[PP_MAX_TIDS];
 } pp_team = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
              PTHREAD_COND_INITIALIZER};
+
+/* Records the calling thread as a team thread (once). */
+static void
+pp_team_note_tid(void)
+{
+    pid_t me = (pid_t)syscall(SYS_gettid);
+    pthread_mutex_lock(&pp_team.mu);
+    int known = 0;
+    for (int i = 0; i < pp_team.ntids && !known; i++) {
+        known = pp_team.tids[i] == me;
+    }
+    if (!known && pp_team.ntids < PP_MAX_TIDS) {
+        pp_team.tids[pp_team.ntids++] = me;
+    }
+    pthread_mutex_unlock(&pp_team.mu);
+}
 
 static inline void
 pp_loop_chunk(pp_loop *loop, Py_ssize_t c)
@@ -61,9 +85,15 @@ static void
 pp_loop_run(pp_loop *loop)
 {
     Py_ssize_t nchunks = (loop->n + loop->chunk - 1) / loop->chunk;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(loop->threads)
-    for (Py_ssize_t c = 0; c < nchunks; c++) {
-        pp_loop_chunk(loop, c);
+#pragma omp parallel num_threads(loop->threads)
+    {
+        if (omp_get_thread_num() != 0) { /* the master noted itself when it started */
+            pp_team_note_tid();
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (Py_ssize_t c = 0; c < nchunks; c++) {
+            pp_loop_chunk(loop, c);
+        }
     }
 }
 #else
@@ -86,6 +116,7 @@ static void *
 pp_team_thread(void *arg)
 {
     int index = (int)(intptr_t)arg;
+    pp_team_note_tid();
     pthread_mutex_lock(&pp_team.mu);
     unsigned long seen = pp_team.born;
     for (;;) {
@@ -121,6 +152,7 @@ pp_team_atfork_child(void)
     pp_team.participants = 0;
     pp_team.started = 0;
     pp_team.born = pp_team.generation;
+    pp_team.ntids = 0;
 }
 
 /* Starts team threads until `want` exist (called with pp_team.mu held); returns how many. */
@@ -198,6 +230,27 @@ pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, v
     pp_team.loop = NULL;
     pthread_mutex_unlock(&pp_team.mu);
     pthread_mutex_unlock(&pp_team.call);
+}
+
+PyObject *
+pp_team_thread_ids(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    (void)module;
+    pid_t tids[PP_MAX_TIDS];
+    pthread_mutex_lock(&pp_team.mu);
+    int n = pp_team.ntids;
+    memcpy(tids, pp_team.tids, sizeof(pid_t) * (size_t)n);
+    pthread_mutex_unlock(&pp_team.mu);
+    PyObject *py_t = PyTuple_New(n);
+    for (int i = 0; py_t != NULL && i < n; i++) {
+        PyObject *py_id = PyLong_FromLong((long)tids[i]);
+        if (py_id == NULL) {
+            Py_CLEAR(py_t);
+            break;
+        }
+        PyTuple_SET_ITEM(py_t, i, py_id); /* steals py_id */
+    }
+    return py_t;
 }
 
 int

@@ -63,3 +63,26 @@ def test_fork_pool_after_bulk_kernel():
     with pp.Pool(2, context="fork") as pool:
         res = pool.map_async(kernels.fib.map, [[20, 21, 22]] * 4)
         assert res.get(timeout=60) == [[kernels.fib(20), kernels.fib(21), kernels.fib(22)]] * 4
+
+
+def test_kernel_team_does_not_make_fork_unsafe():
+    # The team's threads are fork-safe (tests/test_fork.py), so they do not push the Pool's
+    # default away from fork; any other thread does. Run in a clean interpreter (no numpy).
+    import subprocess
+    import sys
+
+    code = (
+        "import threading, pyparallel as pp\n"
+        "from pyparallel import kernels, pool\n"
+        "a = pool.default_start_method()\n"
+        "kernels.fib.map([25] * 8, threads=2)\n"
+        "assert len(pp._core.team_thread_ids()) >= 1\n"
+        "b = pool.default_start_method()\n"
+        "e = threading.Event(); t = threading.Thread(target=e.wait); t.start()\n"
+        "c = pool.default_start_method()\n"
+        "e.set(); t.join()\n"
+        "print(a, b, c)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["fork", "fork", "forkserver"]
