@@ -808,6 +808,15 @@ class Pool:
 
     # -- submission helpers --
 
+    def _submit(self, source, throttle=None):
+        try:
+            self._engine.submit(source, throttle)
+        except KeyboardInterrupt:
+            # Ctrl-C while tasks were being written: the pool's books may be half done, so
+            # stop it, as Ctrl-C while waiting does.
+            self.terminate()
+            raise
+
     def _encode(self, fb, args, kind):
         tid = next(self._engine.tid)
         return tid, _serialize.encode(tid, (fb, args, kind))
@@ -866,7 +875,7 @@ class Pool:
             except BaseException:
                 self._cache.pop(result._job, None)
                 raise
-            self._engine.submit(iter(items))
+            self._submit(iter(items))
         return result
 
     def _kernel_async(self, func, iterable, kind, chunksize, length, callback, error_callback):
@@ -914,7 +923,7 @@ class Pool:
         except BaseException:
             self._cache.pop(result._job, None)
             raise
-        self._engine.submit(iter([(result, 0, tid, parts)]))
+        self._submit(iter([(result, 0, tid, parts)]))
         return result
 
     def map(self, func, iterable, chunksize=None):
@@ -941,7 +950,7 @@ class Pool:
                                 self._processes)
         fb = _serialize.dumps_func(func)
         result = cls(self)
-        self._engine.submit(self._lazy(result, fb, iterable, chunksize, result._set_length),
+        self._submit(self._lazy(result, fb, iterable, chunksize, result._set_length),
                             result)
         if chunksize == 1:
             return result
