@@ -2,7 +2,7 @@
 multiprocessing does not survive (a worker killed mid-task, Ctrl-C, unpicklable objects).
 
 Small pools, small inputs: the core API runs under fork, forkserver and spawn through the
-``pool_context`` fixture (tests/conftest.py); the rest runs under the default start method."""
+``pool_context`` fixture; the rest runs under the default start method."""
 import gc
 import itertools
 import multiprocessing
@@ -28,6 +28,14 @@ from pyparallel.pool import (
     WorkerLostError,
     default_start_method,
 )
+
+@pytest.fixture(params=["fork", "forkserver", "spawn"])
+def pool_context(request):
+    """A multiprocessing start method name, for the pool tests that run under each."""
+    if request.param not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"start method {request.param} not available")
+    return request.param
+
 
 # ---- task functions (module level: importable under spawn) ----
 
