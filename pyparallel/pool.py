@@ -63,7 +63,6 @@ import itertools
 import multiprocessing
 import multiprocessing.pool as _mpp
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -880,13 +879,13 @@ class Pool:
 
     def _kernel_async(self, func, iterable, kind, chunksize, length, callback, error_callback):
         """A native kernel: its bulk path on `processes` threads, in this process."""
+        items = list(iterable)
+        if kind == _worker.STARMAP:
+            items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
         result = MapResult(self, max(length, 1), length, callback, error_callback) if length \
             else MapResult(self, 0, 0, callback, error_callback)
         if not length:
             return result
-        items = list(iterable)
-        if kind == _worker.STARMAP:
-            items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
 
         def run():
             try:
