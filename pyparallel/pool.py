@@ -63,7 +63,6 @@ import itertools
 import multiprocessing
 import multiprocessing.pool as _mpp
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -813,6 +812,15 @@ class Pool:
 
     # -- submission helpers --
 
+    def _submit(self, source, throttle=None):
+        try:
+            self._engine.submit(source, throttle)
+        except KeyboardInterrupt:
+            # Ctrl-C while tasks were being written: the pool's books may be half done, so
+            # stop it, as Ctrl-C while waiting does.
+            self.terminate()
+            raise
+
     def _encode(self, fb, args, kind):
         tid = next(self._engine.tid)
         return tid, _serialize.encode(tid, (fb, args, kind))
@@ -871,18 +879,18 @@ class Pool:
             except BaseException:
                 self._cache.pop(result._job, None)
                 raise
-            self._engine.submit(iter(items))
+            self._submit(iter(items))
         return result
 
     def _kernel_async(self, func, iterable, kind, chunksize, length, callback, error_callback):
         """A native kernel: its bulk path on `processes` threads, in this process."""
+        items = list(iterable)
+        if kind == _worker.STARMAP:
+            items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
         result = MapResult(self, max(length, 1), length, callback, error_callback) if length \
             else MapResult(self, 0, 0, callback, error_callback)
         if not length:
             return result
-        items = list(iterable)
-        if kind == _worker.STARMAP:
-            items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
 
         def run():
             try:
@@ -919,7 +927,7 @@ class Pool:
         except BaseException:
             self._cache.pop(result._job, None)
             raise
-        self._engine.submit(iter([(result, 0, tid, parts)]))
+        self._submit(iter([(result, 0, tid, parts)]))
         return result
 
     def map(self, func, iterable, chunksize=None):
@@ -946,7 +954,7 @@ class Pool:
                                 self._processes)
         fb = _serialize.dumps_func(func)
         result = cls(self)
-        self._engine.submit(self._lazy(result, fb, iterable, chunksize, result._set_length),
+        self._submit(self._lazy(result, fb, iterable, chunksize, result._set_length),
                             result)
         if chunksize == 1:
             return result

@@ -2,7 +2,7 @@
 multiprocessing does not survive (a worker killed mid-task, Ctrl-C, unpicklable objects).
 
 Small pools, small inputs: the core API runs under fork, forkserver and spawn through the
-``pool_context`` fixture (tests/conftest.py); the rest runs under the default start method."""
+``pool_context`` fixture; the rest runs under the default start method."""
 import gc
 import itertools
 import multiprocessing
@@ -28,6 +28,14 @@ from pyparallel.pool import (
     WorkerLostError,
     default_start_method,
 )
+
+@pytest.fixture(params=["fork", "forkserver", "spawn"])
+def pool_context(request):
+    """A multiprocessing start method name, for the pool tests that run under each."""
+    if request.param not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"start method {request.param} not available")
+    return request.param
+
 
 # ---- task functions (module level: importable under spawn) ----
 
@@ -636,3 +644,45 @@ def test_many_threads_wait_on_one_result():
             t.join(30)
         assert got == [0.3] * 4
         assert r.wait(0) is None  # as multiprocessing: wait() returns None
+
+
+def _fd_count():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_fd_or_thread_leak_over_many_pools():
+    def cycle():
+        p = Pool(2, context="fork")
+        assert p.map(square, range(10)) == [x * x for x in range(10)]
+        p.close()
+        p.join()
+        with Pool(1, context="fork") as q:
+            q.apply(square, (2,))
+
+    cycle()  # warm-up: lazily created module state
+    gc.collect()
+    fds, threads = _fd_count(), threading.active_count()
+    for _ in range(15):
+        cycle()
+    gc.collect()
+    assert _fd_count() <= fds
+    assert threading.active_count() <= threads
+
+
+@pytest.mark.stress
+def test_stress_random_kills_during_imap():
+    import random
+
+    with Pool(3) as p:
+        it = p.imap(sleepy, [0.01] * 400)
+        got = lost = 0
+        for i in range(400):
+            if i % 50 == 25:
+                victim = random.choice([w for w in p._engine.workers if w is not None])
+                os.kill(victim.pid, signal.SIGKILL)
+            try:
+                next(it)
+                got += 1
+            except WorkerLostError:
+                lost += 1
+        assert got + lost == 400 and lost <= 8
