@@ -29,14 +29,6 @@ from pyparallel.pool import (
     default_start_method,
 )
 
-@pytest.fixture(params=["fork", "forkserver", "spawn"])
-def pool_context(request):
-    """A multiprocessing start method name, for the pool tests that run under each."""
-    if request.param not in multiprocessing.get_all_start_methods():
-        pytest.skip(f"start method {request.param} not available")
-    return request.param
-
-
 # ---- task functions (module level: importable under spawn) ----
 
 
