@@ -15,7 +15,7 @@ def test_bench_shared_quick_smoke(tmp_path):
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["cpu_count"] == os.cpu_count() and len(data["rows"]) == 9
+    assert data["cpu_count"] == os.cpu_count() and len(data["rows"]) == 11
     assert all(r["median"] > 0 for r in data["rows"])
     for word in ("Python", "W6 counter", "W5", "lock round trip", "vs mp"):
         assert word in proc.stdout
