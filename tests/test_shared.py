@@ -14,6 +14,7 @@ import pytest
 
 import pyparallel as pp
 from pyparallel import shared
+from _util import memfd_count as _memfds
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,15 +425,6 @@ def test_pickle_of_dead_segment_fails_cleanly():
         pickle.loads(data)
 
 
-def _memfds():
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:pyparallel"):
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def test_no_leaked_segments_or_fds():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import pyparallel as pp
+from _util import memfd_count as _memfds
 
 METHODS = [m for m in ("fork", "forkserver", "spawn") if m in mp.get_all_start_methods()]
 
@@ -239,15 +240,6 @@ def test_blocked_child_can_be_interrupted():
 # ------------------------------------------------------------------------------------------
 # Leaks across processes
 
-def _memfds():
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink("/proc/self/fd/" + fd).startswith("/memfd:pyparallel"):
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def test_no_leaks_after_processes():

@@ -1,0 +1,35 @@
+"""Each benchmark runs (quick, one repeat) and writes its JSON: no timing asserts here
+(thresholds belong to the benchmark runs, not to tests)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+
+
+def run_bench(name, tmp_path, timeout):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, name), "--quick", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_bench_kernels_quick(tmp_path):
+    stdout, data = run_bench("bench_kernels.py", tmp_path, 200)
+    kernels = {r["kernel"] for r in data["rows"]}
+    assert kernels == {"fib", "cube_loop", "square", "weighted_multiply", "weighted_multiply_buffer"}
+    assert any("machine limit" in r["variant"] for r in data["rows"])
+    assert all(r["seconds"] is None or r["seconds"] > 0 for r in data["rows"])
+    assert "of limit" in stdout
+
+
+def test_bench_shared_quick(tmp_path):
+    stdout, data = run_bench("bench_shared.py", tmp_path, 100)
+    assert data["cpu_count"] == os.cpu_count() and len(data["rows"]) == 11
+    assert all(r["median"] > 0 for r in data["rows"])
+    for word in ("Python", "W6 counter", "W5", "pyparallel.Pool", "lock round trip", "vs mp"):
+        assert word in stdout
