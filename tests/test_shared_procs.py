@@ -34,8 +34,10 @@ def _objects():
 def _use_all(o, tag):
     """Runs in another process: touches every object, so the parent can check each one."""
     with o["lock"]:
+        # Under the lock, so that the other process's read-modify-write cannot interleave
+        # with this atomic add (a lock-free add beside a locked `+=` is a lost update).
         o["value"].value += 1
-    o["value"].add(10)
+        o["value"].add(10)
     with o["rlock"]:
         with o["rlock"]:
             o["array"][tag] = 1.5 + tag
