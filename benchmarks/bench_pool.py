@@ -14,7 +14,7 @@ multiprocessing.Pool's median from the same run (lower is better). Pools are cre
 the timed region except in W7. Caveat: on a machine shared with other work, timings are noisy;
 compare ratios from one run, not absolute times across runs.
 
-Usage: python benchmarks/bench_pool.py [--quick] [--workers N] [--json PATH]
+Usage: python benchmarks/bench_pool.py [--quick] [--workers N] [--only W1,W7,...] [--json PATH]
 """
 from __future__ import annotations
 
@@ -108,13 +108,10 @@ def _libs(workers):
     return libs
 
 
-def _time(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return ts
+def _time_once(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _warm(lib, method="fork"):
@@ -123,7 +120,10 @@ def _warm(lib, method="fork"):
     return p
 
 
-def run(workers, quick):
+WORKLOADS = ("W1", "W2", "W7", "W8", "W5")
+
+
+def run(workers, quick, only=WORKLOADS):
     reps = 3 if quick else 5
     rows = []
     libs = _libs(workers)
@@ -134,68 +134,73 @@ def run(workers, quick):
         print(f"  {workload:<16} {lib:<20} {statistics.median(ts):9.4f} s  {metric:10.3f} {unit}",
               file=sys.stderr, flush=True)
 
-    # W1 tiny tasks
-    n1 = 50_000 if quick else 200_000
-    xs = range(n1)
-    ts = _time(lambda: [square(x) for x in xs], reps)
-    record("W1 tiny tasks", "serial", ts, statistics.median(ts) / n1 * 1e6, "us/task")
-    for lib in libs:
-        p = _warm(lib)
-        ts = _time(lambda: lib.map(p, square, xs, None), reps)
-        lib.close(p)
-        record("W1 tiny tasks", lib.name, ts, statistics.median(ts) / n1 * 1e6, "us/task")
+    def measure(workload, cases, repeats, metric, unit, warm=True):
+        """cases: [(name, lib or None, fn(pool))]. The cases take turns within each repeat,
+        so a drift of the machine's speed is shared by all; pools are made beforehand
+        (warm) or by fn itself. metric(median, medians) -> the reported number."""
+        pools = {name: _warm(lib) if (warm and lib is not None) else None
+                 for name, lib, _ in cases}
+        times = {name: [] for name, _, _ in cases}
+        try:
+            for _ in range(repeats):
+                for name, _, fn in cases:
+                    times[name].append(_time_once(lambda: fn(pools[name])))
+        finally:
+            for name, lib, _ in cases:
+                if pools[name] is not None:
+                    lib.close(pools[name])
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        for name, _, _ in cases:
+            record(workload, name, times[name], metric(medians[name], medians), unit)
 
-    # W2 coarse CPU tasks
-    fib_in = [27, 26, 25, 24] * 2 if quick else FIB_INPUTS
-    r2 = 1 if quick else 3
-    serial = _time(lambda: [fib(n) for n in fib_in], r2)
-    record("W2 coarse CPU", "serial", serial, 1.0, "x serial")
-    for lib in libs:
-        p = _warm(lib)
-        ts = _time(lambda: lib.map(p, fib, fib_in, 1), r2)
-        lib.close(p)
-        record("W2 coarse CPU", lib.name, ts, statistics.median(serial) / statistics.median(ts),
-               "x serial")
+    if "W1" in only:  # tiny tasks
+        n1 = 50_000 if quick else 200_000
+        xs = range(n1)
+        cases = [("serial", None, lambda _: [square(x) for x in xs])]
+        cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, square, xs, None)) for lib in libs]
+        measure("W1 tiny tasks", cases, reps, lambda t, m: t / n1 * 1e6, "us/task")
 
-    # W7 startup
-    for method in ("fork", "spawn"):
-        for lib in libs:
-            if method not in lib.methods and not (method == "spawn" and lib.methods == ("loky",)):
-                continue
+    if "W2" in only:  # coarse CPU tasks
+        fib_in = [27, 26, 25, 24] * 2 if quick else FIB_INPUTS
+        cases = [("serial", None, lambda _: [fib(n) for n in fib_in])]
+        cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, fib, fib_in, 1)) for lib in libs]
+        measure("W2 coarse CPU", cases, 1 if quick else 3, lambda t, m: m["serial"] / t,
+                "x serial")
 
-            def startup():
-                p = lib.make(method)
-                lib.map(p, noop, [0, 1], 1)
-                lib.close(p)
+    if "W7" in only:  # start-up
+        for method in ("fork", "spawn"):
+            cases = []
+            for lib in libs:
+                if method not in lib.methods and not (method == "spawn" and lib.methods == ("loky",)):
+                    continue
 
-            ts = _time(startup, reps if method == "fork" else max(2, reps - 2))
-            record(f"W7 startup {method}", lib.name, ts, statistics.median(ts) * 1e3, "ms")
+                def startup(_, lib=lib):
+                    p = lib.make(method)
+                    lib.map(p, noop, [0, 1], 1)
+                    lib.close(p)
 
-    # W8 latency
-    n8 = 300 if quick else 1000
-    for lib in libs:
-        p = _warm(lib)
+                cases.append((lib.name, lib, startup))
+            r7 = (5 if quick else 15) if method == "fork" else (2 if quick else 3)
+            measure(f"W7 startup {method}", cases, r7, lambda t, m: t * 1e3, "ms", warm=False)
 
-        def roundtrips():
+    if "W8" in only:  # round-trip latency
+        n8 = 300 if quick else 1000
+
+        def roundtrips(p, lib):
             for _ in range(n8):
                 lib.rt(p)
 
-        ts = _time(roundtrips, reps)
-        lib.close(p)
-        record("W8 latency", lib.name, ts, statistics.median(ts) / n8 * 1e6, "us/call")
+        cases = [(lib.name, lib, lambda p, lib=lib: roundtrips(p, lib)) for lib in libs]
+        measure("W8 latency", cases, reps, lambda t, m: t / n8 * 1e6, "us/call")
 
-    # W5 big arguments
-    if np is not None:
+    if "W5" in only and np is not None:  # big arguments
         n5 = 8 if quick else 32
         arrays = [np.full(1 << 19, i, dtype=np.float64) for i in range(n5)]  # 4 MiB each
         moved = sum(a.nbytes for a in arrays)
-        ts = _time(lambda: [array_sum(a) for a in arrays], reps)
-        record("W5 big arguments", "serial", ts, moved / statistics.median(ts) / 1e9, "GB/s")
-        for lib in libs:
-            p = _warm(lib)
-            ts = _time(lambda: lib.map(p, array_sum, arrays, 1), reps)
-            lib.close(p)
-            record("W5 big arguments", lib.name, ts, moved / statistics.median(ts) / 1e9, "GB/s")
+        cases = [("serial", None, lambda _: [array_sum(a) for a in arrays])]
+        cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, array_sum, arrays, 1))
+                  for lib in libs]
+        measure("W5 big arguments", cases, reps, lambda t, m: moved / t / 1e9, "GB/s")
     return rows
 
 
@@ -203,9 +208,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
     ap.add_argument("--workers", type=int, default=min(2, pyparallel.cpu_count()) or 1)
+    ap.add_argument("--only", default=",".join(WORKLOADS),
+                    help="comma-separated workloads to run (default: all of %(default)s)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
-    rows = run(args.workers, args.quick)
+    only = tuple(w.strip().upper() for w in args.only.split(",") if w.strip())
+    unknown = set(only) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    rows = run(args.workers, args.quick, only)
     ref = {r["workload"]: r["median_s"] for r in rows if r["library"] == "multiprocessing"}
     for r in rows:
         r["vs_mp"] = r["median_s"] / ref[r["workload"]] if r["workload"] in ref else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 __all__ = ["cpu_count", "default_threads"]
 
@@ -82,11 +83,30 @@ def _cgroup_v1_limit(root: str, rel: str) -> float | None:
         path = os.path.dirname(path)
 
 
+#: the quota of this process's own cgroup is read again after this many seconds (reading it
+#: walks the cgroup tree: most of a millisecond, and every Pool() asks)
+_QUOTA_TTL = 1.0
+_quota_cache = (None, 0.0, None)  # (pid, monotonic time of the reading, value)
+
+
 def cgroup_cpu_limit(root: str = "/") -> float | None:
     """The CPU quota (in CPUs, possibly fractional) of this process's cgroup, or None.
 
-    ``root`` lets tests point at a fake file system tree.
+    ``root`` lets tests point at a fake file system tree. The real one's answer is kept for
+    ``_QUOTA_TTL`` seconds (per process: a forked child may be in another cgroup).
     """
+    global _quota_cache
+    if root != "/":
+        return _read_cgroup_limit(root)
+    pid, when, value = _quota_cache
+    now = time.monotonic()
+    if pid != os.getpid() or now - when >= _QUOTA_TTL:
+        value = _read_cgroup_limit(root)
+        _quota_cache = (os.getpid(), now, value)
+    return value
+
+
+def _read_cgroup_limit(root: str) -> float | None:
     text = _read(os.path.join(root, "proc/self/cgroup"))
     if not text:
         return None

@@ -6,7 +6,8 @@ A message is a tuple of parts written back to back into a ring (no concatenation
     pickle  the protocol-5 pickle of the payload
     buffers raw views of large buffers (numpy arrays, bytes, ...), not copied until the ring
 
-Functions are pickled by reference when that works in any process (an importable module-level
+Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed arrays
+(:func:`pack_numbers`). Functions are pickled by reference when that works in any process (an importable module-level
 function) and by value with cloudpickle otherwise (lambdas, closures, functions defined in
 ``__main__`` or a notebook cell), so they run under every start method.
 """
@@ -17,10 +18,41 @@ import struct
 import types
 import weakref
 
+from . import _core
+
 
 _HEAD = struct.Struct("<QII")
 #: buffers at least this big travel out of band (straight from their memory into the ring)
 OOB_MIN = 32 * 1024
+
+
+#: lists of plain numbers at least this long travel packed (see pack_numbers)
+PACK_MIN = 64
+
+
+class _Numbers:
+    """Stands in for a list of plain numbers in a pickle: it pickles as a packed int64 or
+    float64 array (out of band when large) and unpickles as the equal list (codec.c)."""
+
+    __slots__ = ("code", "data")
+
+    def __init__(self, code, data):
+        self.code = code
+        self.data = data
+
+    def __reduce__(self):
+        return _core.unpack_numbers, (self.code, pickle.PickleBuffer(self.data))
+
+
+def pack_numbers(seq):
+    """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
+    exact floats, a stand-in that pickles it several times faster. It unpickles as a list:
+    use it only where a list is what the receiver needs."""
+    if len(seq) >= PACK_MIN:
+        packed = _core.pack_numbers(seq)
+        if packed is not None:
+            return _Numbers(*packed)
+    return seq
 
 
 _by_value_cache = weakref.WeakKeyDictionary()  # function -> (captured objects, names, pickle)

@@ -57,7 +57,11 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             if fb != cached_fb:
                 func = pickle.loads(fb)
                 cached_fb = fb
-            result = (True, _run(func, args, kind))
+            value = _run(func, args, kind)
+            if type(value) is list:  # a map's chunk of results, or a list from apply
+                value = _serialize.pack_numbers(value)
+            result = (True, value)
+            value = None
         except Exception as e:
             result = (False, ExceptionWithTraceback(e, e.__traceback__))
         args = None

@@ -72,7 +72,7 @@ import weakref
 from _thread import allocate_lock as _allocate_lock
 from time import monotonic as _monotonic
 
-from . import _core, _serialize, _worker
+from . import _core, _fork, _serialize, _worker
 from ._cpu import cpu_count
 
 __all__ = [
@@ -99,9 +99,9 @@ MaybeEncodingError = _mpp.MaybeEncodingError
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 #: chunks sent ahead to each worker (one running, the rest queued in its ring) ...
-WINDOW = 2
+WINDOW = 4
 #: ... unless tasks take longer than this (seconds): then one each, for the best balance
-LONG_TASK = 0.002
+LONG_TASK = 0.010
 TASK_RING_BYTES = 8 << 20
 RESULT_RING_BYTES = 2 << 20
 #: the collector looks at everything at least this often, whatever the wakeups say
@@ -300,8 +300,8 @@ def _help(pool, done):
     """Before blocking on a result: collect it ourselves if it comes within SPIN_US, saving
     the collector's wakeup and ours (tens of microseconds each on a busy machine)."""
     eng = getattr(pool, "_engine", None)
-    if eng is None or eng.state == TERMINATE or eng.ch is None:
-        return
+    if eng is None or not eng.warm or eng.state == TERMINATE or eng.ch is None:
+        return  # (workers that never answered yet are still starting: no use spinning)
     try:
         if eng.ch.spin(SPIN_US):
             eng.collect_now()
@@ -332,6 +332,15 @@ def _abort(result, err):
     result._pool = None
 
 
+def _decode_result(msg):
+    """(success, value) from a result message; a result that cannot be unpickled here fails
+    its task with the reason."""
+    try:
+        return _serialize.decode(msg)[1]
+    except Exception as e:
+        return (False, e)
+
+
 # ---- the process pool's engine ------------------------------------------------------------
 
 
@@ -344,6 +353,7 @@ class _Engine:
         self.threads = max(1, cpu_count() // processes)  # each worker's share, for kernels
         self.pid = os.getpid()  # a forked copy of this engine must not touch the workers
         self.ctx = ctx
+        self.direct_fork = ctx.get_start_method() == "fork" and _fork.available()
         self.init = init
         self.maxtasks = maxtasks
         self.cache = cache
@@ -364,21 +374,24 @@ class _Engine:
         self.tid = itertools.count()
         self.broken = None
         self.leaving = False
-        # The collector starts first, while the CPUs are not busy with starting workers (a
-        # thread start waits until the new thread runs). Idle in poll(), it holds no lock a
-        # forked worker could inherit; the workers appear under self.lock.
-        self.thread = threading.Thread(target=self._collect, name="pyparallel-collector", daemon=True)
-        _collectors.add(self.thread)
-        self.thread.start()
+        self.warm = False  # a worker has answered (before that, callers do not spin)
+        # The workers are forked first, while this process has no thread of the pool's own;
+        # then the collector starts (it replaces dead workers later, from its own thread:
+        # idle in poll(), it holds no lock a forked worker could inherit).
+        self.thread = None
         try:
             with self.lock:
                 for i in range(processes):
                     self._spawn(i)
+            thread = threading.Thread(target=self._collect, name="pyparallel-collector",
+                                      daemon=True)
+            _collectors.add(thread)
+            thread.start()
+            self.thread = thread
         except BaseException:
             self.terminate()
             self.ch.close()
             raise
-        self.ch.notify()  # the collector now watches the workers' sentinels
 
     # -- workers --
 
@@ -390,7 +403,10 @@ class _Engine:
             name=f"PyParallelPoolWorker-{slot}",
             daemon=True,
         )
-        p.start()
+        if self.direct_fork:
+            p = _fork.ForkedProcess(p)
+        else:
+            p.start()
         self.workers[slot] = p
         self.sent[slot] = 0
 
@@ -509,12 +525,11 @@ class _Engine:
             done.append((result, None, err))
 
     def _on_message(self, slot, msg, done):
+        """Accounts for a result message; its unpickling is left to _complete, outside the
+        lock, so that the next tasks are written first and the workers do not wait for it."""
         tid = _serialize.peek_tid(msg)
-        try:
-            _, obj = _serialize.decode(msg)
-        except Exception as e:
-            obj = (False, e)
         if tid == _worker.INIT_FAILED_TID:
+            obj = _decode_result(msg)
             cause = obj if isinstance(obj, BaseException) else None
             err = InitializerError(f"the pool's initializer raised in a worker: {cause!r}")
             err.__cause__ = cause
@@ -523,6 +538,7 @@ class _Engine:
         entry = self.tasks.pop(tid, None)
         if entry is None:
             return
+        self.warm = True
         dq = self.inflight[slot]
         if dq and dq[0] == tid:
             dq.popleft()
@@ -537,7 +553,7 @@ class _Engine:
         dt = now - max(entry[3], self.last_result[slot])
         self.last_result[slot] = now
         self.task_time += 0.3 * (dt - self.task_time)
-        done.append((entry[0], entry[1], obj))
+        done.append((entry[0], entry[1], msg))
 
     def _drain(self, slot, done):
         while True:
@@ -581,6 +597,17 @@ class _Engine:
     def _idle(self):
         return not self.tasks and not self.retry and not self.jobs
 
+    def _leave_if_done(self):
+        """Closed and idle: ask every worker to leave (once). True once they were asked."""
+        if self.state != CLOSE or not self._idle():
+            return False
+        if not self.leaving:
+            self.leaving = True
+            for slot, p in enumerate(self.workers):
+                if p is not None:
+                    self.ch.put(slot, ())  # an empty message: leave
+        return True
+
     # -- the collector thread --
 
     def _collect(self):
@@ -596,11 +623,15 @@ class _Engine:
             self._complete(done)
 
     def _complete(self, done):
+        """Completes results (outside the lock): obj is (success, value), an exception (idx
+        None: abort the whole result) or a result message still to be unpickled."""
         for result, idx, obj in done:
             try:
                 if idx is None:
                     _abort(result, obj)
                 else:
+                    if type(obj) is bytearray:
+                        obj = _decode_result(obj)
                     result._set(idx, obj)
             except KeyError:  # already completed (terminate)
                 pass
@@ -625,12 +656,7 @@ class _Engine:
                     self._fail_everything(self.broken, done)
                 else:
                     self._pump(done)
-                if self.state == CLOSE and self._idle():
-                    if not self.leaving:
-                        self.leaving = True
-                        for slot, p in enumerate(self.workers):
-                            if p is not None:
-                                ch.put(slot, ())  # an empty message: leave
+                if self._leave_if_done():
                     if all(p is None or p.exitcode is not None for p in self.workers):
                         for slot, p in enumerate(self.workers):
                             if p is not None:
@@ -671,6 +697,7 @@ class _Engine:
         with self.lock:
             if self.state == RUN:
                 self.state = CLOSE
+                self._leave_if_done()  # idle: the workers start leaving now
         self.ch.notify()
 
     def terminate(self):
@@ -823,6 +850,8 @@ class Pool:
 
     def _encode(self, fb, args, kind):
         tid = next(self._engine.tid)
+        if kind == _worker.MAP:  # a chunk the worker only iterates over
+            args = _serialize.pack_numbers(args)
         return tid, _serialize.encode(tid, (fb, args, kind))
 
     def _eager(self, result, fb, batches, kind):

@@ -79,4 +79,7 @@ int pp_lock_exit(PyObject *lock, int fast);
 /* ---- channel.c: shared-memory rings between a pool's parent and its workers ---- */
 int pp_channel_exec(PyObject *module, pp_state *st);
 
+/* ---- codec.c: lists of plain numbers packed into arrays, for the pool's messages ---- */
+extern PyMethodDef pp_codec_methods[];
+
 #endif /* PP_H */

@@ -174,6 +174,46 @@ def test_map_and_friends(pool_context):
         assert p.apply_async(square, (7,)).get(timeout=30) == 49
 
 
+def whoami(_=None):
+    me, parent = multiprocessing.current_process(), multiprocessing.parent_process()
+    return me.name, me.daemon, me.pid == os.getpid(), parent.pid, parent.is_alive()
+
+
+def test_worker_identity(pool_context):
+    """What a task sees of multiprocessing in a worker, as in a multiprocessing.Pool worker."""
+    with Pool(2, context=pool_context) as p:
+        seen = p.map(whoami, range(4), chunksize=1)
+    for name, daemon, own_pid, parent_pid, parent_alive in seen:
+        assert name.startswith("PyParallelPoolWorker-") and daemon and own_pid
+        assert parent_pid == os.getpid() and parent_alive
+
+
+_queue = None
+
+
+def put_on_inherited_queue(x):
+    _queue.put(x)
+    return x
+
+
+def test_inherited_queue_is_flushed_when_workers_exit():
+    """A multiprocessing.Queue inherited by fork workers: its feeder thread's last items
+    reach the parent, because a worker's exit runs multiprocessing's finalizers."""
+    global _queue
+    _queue = multiprocessing.get_context("fork").Queue()
+    try:
+        p = Pool(2, context="fork")
+        p.map(put_on_inherited_queue, range(200), chunksize=10)
+        p.close()
+        p.join()
+        got = sorted(_queue.get(timeout=10) for _ in range(200))
+        assert got == list(range(200))
+    finally:
+        _queue.close()
+        _queue.join_thread()
+        _queue = None
+
+
 def test_lambdas_and_closures(pool_context):
     k = 3
     with Pool(2, context=pool_context) as p:
