@@ -21,9 +21,18 @@ import weakref
 from . import _core
 
 
-_HEAD = struct.Struct("<QII")
+_HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
+#: flag: the out-of-band buffers are in a shared segment, not in the message
+SPILLED = 1
+_SPILL = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
 #: buffers at least this big travel out of band (straight from their memory into the ring)
 OOB_MIN = 32 * 1024
+#: a task whose out-of-band buffers add up to this much has them copied into a shared segment
+#: that the worker maps and unpickles from: one copy in all, not one into the ring and one out
+SPILL_MIN = 1 << 20
+#: where data starts in a spill segment. Its first 32-bit word says who may touch it:
+SPILL_DATA = 64
+SPILL_FREE, SPILL_BUSY, SPILL_EVICTED = 0, 1, 2  # parent may write / a task has it / unused
 
 
 #: lists of plain numbers at least this long travel packed (see pack_numbers)
@@ -140,7 +149,7 @@ def encode(tid: int, obj) -> tuple:
         # e.g. a lambda among the arguments: by value; a truly unpicklable object raises again
         bufs.clear()
         data = _cloudpickle().dumps(obj, 5, buffer_callback=oob)
-    head = _HEAD.pack(tid, len(bufs), len(data))
+    head = _HEAD.pack(tid, len(bufs), len(data), 0)
     if bufs:
         head += struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
     return (head, data, *bufs)
@@ -151,21 +160,127 @@ def parts_size(parts) -> int:
     return 8 + sum(memoryview(p).nbytes for p in parts)
 
 
+def _aligned(n):
+    return (n + 63) & ~63
+
+
+def spill_size(parts) -> int:
+    """The segment size :func:`spill` needs for ``parts``, or 0 when it is not worth it."""
+    sizes = [memoryview(p).nbytes for p in parts[2:]]
+    if sum(sizes) < SPILL_MIN:
+        return 0
+    return SPILL_DATA + sum(_aligned(n) for n in sizes)
+
+
+def spill(parts, seg) -> tuple:
+    """The parts of the same message with its out-of-band buffers copied into ``seg`` (a
+    Segment of at least spill_size(parts) bytes): a header and the pickle."""
+    head = parts[0]
+    tid, nbuf, plen, flags = _HEAD.unpack_from(head, 0)
+    lens = struct.unpack_from(f"<{nbuf}Q", head, _HEAD.size)
+    offsets = []
+    off = SPILL_DATA
+    for buf, n in zip(parts[2:], lens):
+        seg.write(off, buf)
+        offsets.append(off)
+        off += _aligned(n)
+    head = (_HEAD.pack(tid, nbuf, plen, flags | SPILLED) + head[_HEAD.size:]
+            + _SPILL.pack(seg.fd, seg.ino, seg.size) + struct.pack(f"<{nbuf}Q", *offsets))
+    return (head, parts[1])
+
+
 def peek_tid(msg) -> int:
     return _HEAD.unpack_from(msg, 0)[0]
 
 
-def decode(msg):
-    """(tid, obj) from a received message (a bytearray; buffers are views into it)."""
-    tid, nbuf, plen = _HEAD.unpack_from(msg, 0)
+class SpillCache:
+    """A worker's mappings of its parent's spill segments, kept from task to task: mapping a
+    segment afresh would fault in every page of it again. The parent marks a segment it no
+    longer uses SPILL_EVICTED; the cache then lets go of it."""
+
+    MAX = 16
+
+    def __init__(self):
+        self.maps = {}  # inode -> Segment
+
+    def attach(self, pid, fd, ino, size):
+        for old_ino, old in list(self.maps.items()):
+            if old.load32(0) == SPILL_EVICTED:
+                self._drop(old_ino)
+        seg = self.maps.pop(ino, None)
+        if seg is not None and seg.size < size:
+            seg.close()
+            seg = None
+        if seg is None:
+            seg = _core.Segment.attach(pid, fd, ino, size)
+            while len(self.maps) >= self.MAX:
+                self._drop(next(iter(self.maps)))
+        self.maps[ino] = seg  # the most recently used last
+        return seg
+
+    def release(self, seg):
+        """After a task: True when no view of seg is left (the parent may reuse it); False
+        when the task kept one, and then this cache forgets it (the views keep it mapped)."""
+        if seg.release(0):
+            return True
+        if self.maps.get(seg.ino) is seg:
+            del self.maps[seg.ino]
+        return False
+
+    def _drop(self, ino):
+        seg = self.maps.pop(ino)
+        try:
+            seg.close()
+        except BufferError:  # still viewed: unmapped when the last view goes
+            pass
+
+    def close(self):
+        while self.maps:
+            self._drop(next(iter(self.maps)))
+
+
+def _decode(msg, pid, cache=None):
+    tid, nbuf, plen, flags = _HEAD.unpack_from(msg, 0)
     mv = memoryview(msg)
     pos = _HEAD.size
     lens = struct.unpack_from(f"<{nbuf}Q", msg, pos) if nbuf else ()
     pos += 8 * nbuf
-    data = mv[pos : pos + plen]
-    pos += plen
-    buffers = []
-    for n in lens:
-        buffers.append(mv[pos : pos + n])
-        pos += n
-    return tid, pickle.loads(data, buffers=buffers)
+    seg = None
+    if flags & SPILLED:
+        fd, ino, size = _SPILL.unpack_from(msg, pos)
+        pos += _SPILL.size
+        offsets = struct.unpack_from(f"<{nbuf}Q", msg, pos)
+        pos += 8 * nbuf
+        seg = cache.attach(pid, fd, ino, size)
+        view = memoryview(seg)
+        buffers = [view[o : o + n] for o, n in zip(offsets, lens)]
+        del view
+        data = mv[pos : pos + plen]
+    else:
+        data = mv[pos : pos + plen]
+        pos += plen
+        buffers = []
+        for n in lens:
+            buffers.append(mv[pos : pos + n])
+            pos += n
+    try:
+        return tid, pickle.loads(data, buffers=buffers), seg
+    except BaseException:
+        del buffers
+        if seg is not None:
+            cache.release(seg)
+        raise
+
+
+def decode(msg):
+    """(tid, obj) from a received message (a bytearray; buffers are views into it)."""
+    tid, obj, _ = _decode(msg, None)
+    return tid, obj
+
+
+def decode_task(msg, pid, cache):
+    """(obj, segment) from a task message sent by process ``pid``. With a spill segment
+    (mapped through ``cache``, a SpillCache) the buffers are views of it: once they are
+    gone, ``cache.release(segment)`` hands it back."""
+    _, obj, seg = _decode(msg, pid, cache)
+    return obj, seg

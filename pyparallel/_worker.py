@@ -42,6 +42,7 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             os._exit(1)
     cached_fb = None
     func = None
+    spills = _serialize.SpillCache()
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -51,8 +52,9 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         if not msg:  # an empty message asks the worker to leave
             break
         tid = _serialize.peek_tid(msg)
+        seg = None
         try:
-            _, (fb, args, kind) = _serialize.decode(msg)
+            (fb, args, kind), seg = _serialize.decode_task(msg, parent_pid, spills)
             del msg
             if fb != cached_fb:
                 func = pickle.loads(fb)
@@ -71,10 +73,20 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             wrapped = MaybeEncodingError(e, result[1])
             parts = _serialize.encode(tid, (False, wrapped))
         result = None
+        # A spill segment the arguments came in goes back to the parent for reuse once no
+        # view of it is left: before the result is sent when possible, so that the parent
+        # finds it free. A task that keeps a view (in a global, say) keeps the segment, and
+        # the parent does not reuse it.
+        if seg is not None and spills.release(seg):
+            seg = None
         try:
             ch.send(slot, parts)
         except BrokenPipeError:  # the parent died while we were running
             break
         parts = None
+        if seg is not None:
+            spills.release(seg)  # the result was a view of it
+            seg = None
         done += 1
+    spills.close()
     ch.close()

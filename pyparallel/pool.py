@@ -99,7 +99,7 @@ MaybeEncodingError = _mpp.MaybeEncodingError
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 
 #: chunks sent ahead to each worker (one running, the rest queued in its ring) ...
-WINDOW = 4
+WINDOW = 2
 #: ... unless tasks take longer than this (seconds): then one each, for the best balance
 LONG_TASK = 0.010
 TASK_RING_BYTES = 8 << 20
@@ -332,6 +332,64 @@ def _abort(result, err):
     result._pool = None
 
 
+class _SpillPool:
+    """Shared segments for tasks' large buffers (see _serialize.spill), reused: a new segment
+    costs page faults as it is first written, a reused one only the copy. A worker sets a
+    segment's first word to 0 when it has unmapped it; one that is still 1 after its task
+    completed is still referenced in the worker (a task kept a view) and is not reused."""
+
+    ROUND = 1 << 20
+    KEEP_BYTES = 256 << 20  # free segments kept, at most
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.free = []
+
+    def spill(self, parts):
+        """(message parts to write, segment or None) for a task's parts."""
+        need = _serialize.spill_size(parts) if len(parts) > 2 else 0
+        if not need:
+            return parts, None
+        seg = self._take(need)
+        try:
+            return _serialize.spill(parts, seg), seg
+        except BaseException:
+            seg.close()
+            raise
+
+    def _take(self, size):
+        for i, seg in enumerate(self.free):
+            if size <= seg.size <= 2 * size and seg.load32(0) == _serialize.SPILL_FREE:
+                del self.free[i]
+                break
+        else:
+            seg = _core.Segment(-(-size // self.ROUND) * self.ROUND)
+        seg.store32(0, _serialize.SPILL_BUSY)
+        return seg
+
+    def give(self, seg, worker_gone=False):
+        """Back from a completed task (or from a worker that died: nothing maps it now)."""
+        if worker_gone:
+            seg.store32(0, _serialize.SPILL_FREE)
+        self.free.append(seg)
+        total = sum(s.size for s in self.free)
+        while self.free and (len(self.free) > self.keep or total > self.KEEP_BYTES):
+            old = self.free.pop(0)
+            total -= old.size
+            _SpillPool.evict(old)
+
+    @staticmethod
+    def evict(seg):
+        """Stops using seg; workers that keep it mapped let go of it at their next task."""
+        seg.store32(0, _serialize.SPILL_EVICTED)
+        seg.close()
+
+    def close(self):
+        for seg in self.free:
+            _SpillPool.evict(seg)
+        self.free.clear()
+
+
 def _decode_result(msg):
     """(success, value) from a result message; a result that cannot be unpickled here fails
     its task with the reason."""
@@ -365,7 +423,8 @@ class _Engine:
         self.inflight = [collections.deque() for _ in range(processes)]
         self.outgoing = [None] * processes  # (parts, pos, size) of a message being written
         self.stalled = 0  # how many outgoing entries are not None
-        self.tasks = {}  # tid -> (result, index, parts, dispatch time)
+        self.tasks = {}  # tid -> (result, index, parts, dispatch time, spill segment)
+        self.spills = _SpillPool(keep=2 * processes + 2)
         self.task_time = 0.0  # moving average of the tasks' service times (seconds)
         self.last_result = [0.0] * processes
         self.retry = collections.deque()  # (result, index, tid, parts) to send first
@@ -501,15 +560,16 @@ class _Engine:
             if item is None:
                 return
             result, idx, tid, parts = item
-            self.tasks[tid] = (result, idx, parts, _monotonic())
+            msg, seg = self.spills.spill(parts)
+            self.tasks[tid] = (result, idx, parts, _monotonic(), seg)
             self.inflight[best].append(tid)
             self.sent[best] += 1
-            size = _serialize.parts_size(parts)
-            pos = self.ch.put(best, parts, 0, False)
+            size = _serialize.parts_size(msg)
+            pos = self.ch.put(best, msg, 0, False)
             if best not in written:
                 written.append(best)
             if pos != size:
-                self.outgoing[best] = (parts, pos, size)
+                self.outgoing[best] = (msg, pos, size)
                 self.stalled += 1
 
     def _fail_everything(self, err, done):
@@ -518,7 +578,7 @@ class _Engine:
             self.inflight[slot].clear()
             self.outgoing[slot] = None
         self.stalled = 0
-        self.tasks.clear()
+        self._drop_tasks()
         self.retry.clear()
         self.jobs.clear()
         for result in list(self.cache.values()):
@@ -553,6 +613,8 @@ class _Engine:
         dt = now - max(entry[3], self.last_result[slot])
         self.last_result[slot] = now
         self.task_time += 0.3 * (dt - self.task_time)
+        if entry[4] is not None:
+            self.spills.give(entry[4])
         done.append((entry[0], entry[1], msg))
 
     def _drain(self, slot, done):
@@ -572,7 +634,9 @@ class _Engine:
         if held:
             # Results come back in order, so the oldest task is the one it was running.
             tid = held.popleft()
-            result, idx, _, _ = self.tasks.pop(tid)
+            result, idx, _, _, seg = self.tasks.pop(tid)
+            if seg is not None:
+                self.spills.give(seg, worker_gone=True)
             if self.broken is None:
                 err = WorkerLostError(_describe_exit(p.pid, code) + " while running a task")
                 done.append((result, idx, (False, err)))
@@ -580,7 +644,9 @@ class _Engine:
                 done.append((result, idx, (False, self.broken)))
             while held:  # never started: send them again
                 t = held.pop()
-                r, i, parts, _ = self.tasks.pop(t)
+                r, i, parts, _, seg = self.tasks.pop(t)
+                if seg is not None:
+                    self.spills.give(seg, worker_gone=True)
                 self.retry.appendleft((r, i, t, parts))
         if self.outgoing[slot] is not None:
             self.outgoing[slot] = None
@@ -596,6 +662,13 @@ class _Engine:
 
     def _idle(self):
         return not self.tasks and not self.retry and not self.jobs
+
+    def _drop_tasks(self):
+        """Forget every task in flight (the pool failed or was terminated)."""
+        for entry in self.tasks.values():
+            if entry[4] is not None:
+                _SpillPool.evict(entry[4])
+        self.tasks.clear()
 
     def _leave_if_done(self):
         """Closed and idle: ask every worker to leave (once). True once they were asked."""
@@ -621,6 +694,9 @@ class _Engine:
                 done = []
                 self._fail_everything(err, done)
             self._complete(done)
+            self._kill_all()
+        if self.state == TERMINATE and self.pid == os.getpid():
+            self._release()
 
     def _complete(self, done):
         """Completes results (outside the lock): obj is (success, value), an exception (idx
@@ -715,9 +791,19 @@ class _Engine:
             for result in list(self.cache.values()):
                 _abort(result, err)
             with self.lock:
-                self.tasks.clear()
+                self._drop_tasks()
                 self.jobs.clear()
                 self.retry.clear()
+            if self.thread is None or not self.thread.is_alive():
+                self._release()
+            # else: the collector itself is terminating (from a callback); it releases on
+            # its way out
+
+    def _release(self):
+        """The workers are gone: unmap the channel, close the spill segments."""
+        with self.lock:
+            self.spills.close()
+        self.ch.close()
 
     def join(self):
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -729,7 +815,7 @@ class _Engine:
                 if p is not None:
                     p.join()
             self.workers = [None] * self.n
-        self.ch.close()
+        self._release()
 
 
 _engines = weakref.WeakSet()

@@ -78,7 +78,11 @@ typedef struct {
     pid_t peer;      /* worker: the parent's pid, to notice its death */
     unsigned long long peer_start; /* worker: the parent's start time, against pid reuse */
     pp_partial *partial; /* parent: one per slot */
+    int busy;        /* calls in progress that may release the GIL while using the mapping */
+    int closing;     /* close() came during such a call: the last one to finish releases */
 } ChannelObject;
+
+static void pp_channel_release(ChannelObject *ch);
 
 /* ---- GIL-free helpers ---- */
 
@@ -326,7 +330,7 @@ pp_worker_check(ChannelObject *ch)
 static int
 pp_check_slot(ChannelObject *ch, long slot)
 {
-    if (ch->base == NULL) {
+    if (ch->base == NULL || ch->closing) {
         PyErr_SetString(PyExc_ValueError, "channel is closed");
         return -1;
     }
@@ -533,7 +537,7 @@ pp_release_views(Py_buffer *views, Py_ssize_t n)
 /* put(slot, parts, pos=0) -> pos: parent side, writes what fits of a task message without
  * blocking; the message is complete when the returned pos == 8 + total length. */
 static PyObject *
-Channel_put(PyObject *self, PyObject *args)
+Channel_put_held(PyObject *self, PyObject *args)
 {
     ChannelObject *ch = (ChannelObject *)self;
     long slot;
@@ -597,7 +601,7 @@ Channel_wake(PyObject *self, PyObject *arg)
 /* get(slot) -> bytearray | None: parent side, the next complete result message of a slot, or
  * None while it is incomplete. Never blocks. */
 static PyObject *
-Channel_get(PyObject *self, PyObject *arg)
+Channel_get_held(PyObject *self, PyObject *arg)
 {
     ChannelObject *ch = (ChannelObject *)self;
     long slot = PyLong_AsLong(arg);
@@ -693,7 +697,7 @@ pp_parent_ready_cb(void *arg)
  * collector; True when there is something to collect. Afterwards the collector is armed
  * again, and woken if something arrived in the meantime. */
 static PyObject *
-Channel_spin(PyObject *self, PyObject *arg)
+Channel_spin_held(PyObject *self, PyObject *arg)
 {
     ChannelObject *ch = (ChannelObject *)self;
     double us = PyFloat_AsDouble(arg);
@@ -725,7 +729,7 @@ Channel_spin(PyObject *self, PyObject *arg)
  * arrives, one of `fds` (worker sentinels) becomes readable, notify() is called, or timeout
  * seconds pass (None: no limit). True unless it timed out. */
 static PyObject *
-Channel_wait(PyObject *self, PyObject *args)
+Channel_wait_held(PyObject *self, PyObject *args)
 {
     ChannelObject *ch = (ChannelObject *)self;
     PyObject *fds, *py_timeout = Py_None;
@@ -832,7 +836,7 @@ Channel_reset(PyObject *self, PyObject *arg)
 /* recv(slot) -> bytearray: worker side, blocks (GIL released, signals seen every slice) for
  * the next whole task message. Raises BrokenPipeError when the parent has died. */
 static PyObject *
-Channel_recv(PyObject *self, PyObject *arg)
+Channel_recv_held(PyObject *self, PyObject *arg)
 {
     ChannelObject *ch = (ChannelObject *)self;
     long slot = PyLong_AsLong(arg);
@@ -903,7 +907,7 @@ error:
 /* send(slot, parts): worker side, writes a whole result message, blocking (GIL released)
  * while the ring is full, and wakes the parent. */
 static PyObject *
-Channel_send(PyObject *self, PyObject *args)
+Channel_send_held(PyObject *self, PyObject *args)
 {
     ChannelObject *ch = (ChannelObject *)self;
     long slot;
@@ -951,6 +955,27 @@ Channel_send(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The methods that release the GIL hold the mapping for their whole call: another thread's
+ * close() meanwhile only marks the channel closing, and the last of them unmaps it. */
+#define PP_HELD_METHOD(name)                                                                \
+    static PyObject *Channel_##name(PyObject *self, PyObject *arg)                         \
+    {                                                                                      \
+        ChannelObject *ch = (ChannelObject *)self;                                         \
+        ch->busy++;                                                                        \
+        PyObject *res = Channel_##name##_held(self, arg);                                  \
+        if (--ch->busy == 0 && ch->closing) {                                              \
+            pp_channel_release(ch);                                                        \
+        }                                                                                  \
+        return res;                                                                        \
+    }
+PP_HELD_METHOD(put)
+PP_HELD_METHOD(get)
+PP_HELD_METHOD(spin)
+PP_HELD_METHOD(wait)
+PP_HELD_METHOD(recv)
+PP_HELD_METHOD(send)
+#undef PP_HELD_METHOD
+
 static PyObject *
 Channel_get_fds(PyObject *self, void *Py_UNUSED(closure))
 {
@@ -993,7 +1018,13 @@ pp_channel_release(ChannelObject *ch)
 static PyObject *
 Channel_close(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
-    pp_channel_release((ChannelObject *)self);
+    ChannelObject *ch = (ChannelObject *)self;
+    if (ch->busy > 0) {
+        ch->closing = 1; /* released when the calls in progress return */
+    }
+    else {
+        pp_channel_release(ch);
+    }
     Py_RETURN_NONE;
 }
 

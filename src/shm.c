@@ -245,6 +245,137 @@ Segment_close(SegmentObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* Checks that [offset, offset + len) lies in an open segment; -1 with an exception if not. */
+static int
+pp_segment_range(SegmentObject *self, Py_ssize_t offset, Py_ssize_t len)
+{
+    if (self->addr == NULL) {
+        PyErr_SetString(PyExc_ValueError, "segment is closed");
+        return -1;
+    }
+    if (offset < 0 || len < 0 || offset > self->size - len) {
+        PyErr_SetString(PyExc_IndexError, "segment range out of bounds");
+        return -1;
+    }
+    return 0;
+}
+
+#define PP_NOGIL_COPY 65536 /* copies at least this big release the GIL */
+
+PyDoc_STRVAR(Segment_write_doc, "write($self, offset, data, /)\n--\n\n"
+                                "Copies the bytes of buffer `data` into the segment at `offset` "
+                                "(the GIL is released for large copies).");
+
+static PyObject *
+Segment_write(SegmentObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write(offset, data)");
+        return NULL;
+    }
+    Py_ssize_t offset = PyNumber_AsSsize_t(args[0], PyExc_OverflowError);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer src;
+    if (PyObject_GetBuffer(args[1], &src, PyBUF_C_CONTIGUOUS) < 0) {
+        return NULL;
+    }
+    if (pp_segment_range(self, offset, src.len) < 0) {
+        PyBuffer_Release(&src);
+        return NULL;
+    }
+    char *dst = self->addr + offset;
+    if (src.len >= PP_NOGIL_COPY) {
+        /* Counted as an export meanwhile, so that another thread's close() cannot unmap it. */
+        self->exports++;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(dst, src.buf, (size_t)src.len);
+        Py_END_ALLOW_THREADS
+        self->exports--;
+    }
+    else {
+        memcpy(dst, src.buf, (size_t)src.len);
+    }
+    PyBuffer_Release(&src);
+    Py_RETURN_NONE;
+}
+
+/* The aligned 32-bit word at `offset` for load32/store32/release; NULL with an exception. */
+static _Atomic uint32_t *
+pp_segment_word(SegmentObject *self, PyObject *arg)
+{
+    Py_ssize_t offset = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (offset == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (offset % 4 != 0) {
+        PyErr_SetString(PyExc_ValueError, "a 32-bit word's offset must be a multiple of 4");
+        return NULL;
+    }
+    if (pp_segment_range(self, offset, 4) < 0) {
+        return NULL;
+    }
+    return (_Atomic uint32_t *)(void *)(self->addr + offset);
+}
+
+PyDoc_STRVAR(Segment_load32_doc, "load32($self, offset, /)\n--\n\n"
+                                 "Atomically reads the unsigned 32-bit word at `offset`.");
+
+static PyObject *
+Segment_load32(SegmentObject *self, PyObject *arg)
+{
+    _Atomic uint32_t *w = pp_segment_word(self, arg);
+    return w == NULL ? NULL : PyLong_FromUnsignedLong(atomic_load(w));
+}
+
+PyDoc_STRVAR(Segment_store32_doc, "store32($self, offset, value, /)\n--\n\n"
+                                  "Atomically writes the unsigned 32-bit word at `offset`.");
+
+static PyObject *
+Segment_store32(SegmentObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "store32(offset, value)");
+        return NULL;
+    }
+    _Atomic uint32_t *w = pp_segment_word(self, args[0]);
+    if (w == NULL) {
+        return NULL;
+    }
+    unsigned long v = PyLong_AsUnsignedLong(args[1]);
+    if (v == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (v > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value does not fit in 32 bits");
+        return NULL;
+    }
+    atomic_store(w, (uint32_t)v);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Segment_release_doc,
+             "release($self, offset, /)\n--\n\n"
+             "When no view of the segment exists any more (in this process): atomically "
+             "writes 0 to the 32-bit word at `offset` and returns True; otherwise changes "
+             "nothing and returns False. (A pool worker tells the parent this way that it may "
+             "write into the segment again.)");
+
+static PyObject *
+Segment_release(SegmentObject *self, PyObject *arg)
+{
+    _Atomic uint32_t *w = pp_segment_word(self, arg);
+    if (w == NULL) {
+        return NULL;
+    }
+    if (self->exports > 0) {
+        Py_RETURN_FALSE;
+    }
+    atomic_store(w, 0);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *
 Segment_get_ino(SegmentObject *self, void *Py_UNUSED(closure))
 {
@@ -266,6 +397,10 @@ Segment_repr(SegmentObject *self)
 static PyMethodDef Segment_methods[] = {
     {"attach", Segment_attach, METH_VARARGS | METH_CLASS, Segment_attach_doc},
     {"close", (PyCFunction)Segment_close, METH_NOARGS, Segment_close_doc},
+    {"write", (PyCFunction)(void (*)(void))Segment_write, METH_FASTCALL, Segment_write_doc},
+    {"load32", (PyCFunction)Segment_load32, METH_O, Segment_load32_doc},
+    {"store32", (PyCFunction)(void (*)(void))Segment_store32, METH_FASTCALL, Segment_store32_doc},
+    {"release", (PyCFunction)Segment_release, METH_O, Segment_release_doc},
     {NULL, NULL, 0, NULL},
 };
 

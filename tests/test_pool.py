@@ -21,6 +21,7 @@ import time
 import pytest
 
 import pyparallel
+from _util import memfd_count
 from pyparallel import Pool, ThreadPool
 from pyparallel.pool import (
     InitializerError,
@@ -450,6 +451,50 @@ def test_gc_of_running_pool_warns_and_reaps():
     assert not set(pids) & set(_children())
 
 
+_kept = []
+
+
+def keep_and_sum(a):
+    """Keeps a view of its argument in the worker, then reports the sums of all it kept."""
+    _kept.append(a)
+    return [float(k.sum()) for k in _kept]
+
+
+def test_spilled_arguments_kept_by_a_task_are_not_overwritten(pool_context):
+    """Big arguments come through shared segments that are reused from task to task; one
+    that a task still references is never written again."""
+    np = pytest.importorskip("numpy")
+    arrays = [np.full(1 << 18, i, dtype=np.float64) for i in range(12)]  # 2 MiB each
+    before = memfd_count()
+    with Pool(1, context=pool_context) as p:
+        got = [p.apply(keep_and_sum, (a,)) for a in arrays]
+        # later ones (not kept, sent through one segment) keep flowing correctly
+        for i in range(20):
+            a = np.full(1 << 18, 100 + i, dtype=np.float64)
+            assert p.apply(array_sum, (a,)) == float(a.sum())
+        final = p.apply(keep_and_sum, (arrays[0],))
+    sums = [float(a.sum()) for a in arrays]
+    assert got[-1] == sums
+    assert final == sums + [sums[0]]
+    assert memfd_count() == before, "spill segments left open"
+
+
+def test_spilled_task_of_a_killed_worker_is_resent():
+    np = pytest.importorskip("numpy")
+    arrays = [np.full(1 << 18, i, dtype=np.float64) for i in range(8)]
+    with Pool(2) as p:
+        res = p.map_async(array_sum, arrays, chunksize=1)
+        pids = [w.pid for w in p._engine.workers]
+        os.kill(pids[0], signal.SIGKILL)
+        try:
+            out = res.get(30)
+        except WorkerLostError:
+            out = None  # the task it was running fails; the map's other tasks complete
+        assert p.map(array_sum, arrays, chunksize=1) == [float(a.sum()) for a in arrays]
+    if out is not None:
+        assert out == [float(a.sum()) for a in arrays]
+
+
 def test_big_arguments_and_results():
     np = pytest.importorskip("numpy")
     arrays = [np.full(1 << 19, i, dtype=np.float64) for i in range(6)]  # 4 MiB each
@@ -676,6 +721,34 @@ def test_many_threads_wait_on_one_result():
             t.join(30)
         assert got == [0.3] * 4
         assert r.wait(0) is None  # as multiprocessing: wait() returns None
+
+
+def test_terminate_while_other_threads_wait_and_submit():
+    """terminate() (which unmaps the channel) while other threads are inside the channel's
+    GIL-free waits: they get an error, nothing crashes."""
+    for _ in range(5):
+        p = Pool(2)
+        errors, stop = [], threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    p.apply_async(echo, (1,)).get(10)
+                except (ValueError, PoolTerminatedError) as e:
+                    errors.append(type(e))
+                    return
+
+        ts = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in ts:
+            t.start()
+        time.sleep(0.05)
+        p.terminate()
+        stop.set()
+        for t in ts:
+            t.join(30)
+        assert not any(t.is_alive() for t in ts)
+        assert errors and set(errors) <= {ValueError, PoolTerminatedError}
+        p.join()
 
 
 def _fd_count():
