@@ -8,10 +8,12 @@ Workloads (2 workers by default, or --workers N):
   W8 latency        1,000 sequential apply_async(noop).get() on a warm pool  us per round trip
   W5 big arguments  32 numpy arrays of 4 MiB, the task returns the sum (chunksize 1)  GB/s
 
-Method: each measurement is repeated (5 times, --quick: 3, W2 and W7-spawn fewer) and the
-median is reported with the spread (min-max); "vs mp" is the median divided by
-multiprocessing.Pool's median from the same run (lower is better). Pools are created outside
-the timed region except in W7. Caveat: on a machine shared with other work, timings are noisy;
+Method: the libraries take turns within each repeat (so a drift of the machine's speed is
+shared by all), each turn on a fresh pool made and warmed up outside the timed region (except
+in W7, which times exactly that) and closed after it, so one library's workers run at a time.
+5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 spawn: 3); the median is reported with the
+spread (min-max); "vs mp" is the median divided by multiprocessing.Pool's median from the
+same run (lower is better). Caveat: on a machine shared with other work, timings are noisy;
 compare ratios from one run, not absolute times across runs.
 
 Usage: python benchmarks/bench_pool.py [--quick] [--workers N] [--only W1,W7,...] [--json PATH]
@@ -136,19 +138,19 @@ def run(workers, quick, only=WORKLOADS):
 
     def measure(workload, cases, repeats, metric, unit, warm=True):
         """cases: [(name, lib or None, fn(pool))]. The cases take turns within each repeat,
-        so a drift of the machine's speed is shared by all; pools are made beforehand
-        (warm) or by fn itself. metric(median, medians) -> the reported number."""
-        pools = {name: _warm(lib) if (warm and lib is not None) else None
-                 for name, lib, _ in cases}
+        so a drift of the machine's speed is shared by all. With warm=True each turn gets a
+        fresh pool, warmed up outside the timed region and closed after it (one library's
+        pool at a time: idle workers of the others cannot disturb it); otherwise fn makes
+        its own. metric(median, medians) -> the reported number."""
         times = {name: [] for name, _, _ in cases}
-        try:
-            for _ in range(repeats):
-                for name, _, fn in cases:
-                    times[name].append(_time_once(lambda: fn(pools[name])))
-        finally:
-            for name, lib, _ in cases:
-                if pools[name] is not None:
-                    lib.close(pools[name])
+        for _ in range(repeats):
+            for name, lib, fn in cases:
+                pool = _warm(lib) if (warm and lib is not None) else None
+                try:
+                    times[name].append(_time_once(lambda: fn(pool)))
+                finally:
+                    if pool is not None:
+                        lib.close(pool)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         for name, _, _ in cases:
             record(workload, name, times[name], metric(medians[name], medians), unit)

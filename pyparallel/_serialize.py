@@ -156,8 +156,9 @@ def encode(tid: int, obj) -> tuple:
 
 
 def parts_size(parts) -> int:
-    """Bytes of the message stream for ``parts`` (with the channel's 8-byte length)."""
-    return 8 + sum(memoryview(p).nbytes for p in parts)
+    """Bytes of the message stream for ``parts`` (with the channel's 8-byte length). The
+    parts are bytes and 1-D byte memoryviews (PickleBuffer.raw()), whose len() is their size."""
+    return 8 + sum(map(len, parts))
 
 
 def _aligned(n):

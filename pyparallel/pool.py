@@ -132,6 +132,17 @@ def _describe_exit(pid, code):
     return f"worker process {pid} exited with code {code}"
 
 
+_my_pid = os.getpid()  # os.getpid() is a system call; this one is kept right across forks
+
+
+def _forked():
+    global _my_pid
+    _my_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 # ---- start methods ------------------------------------------------------------------------
 
 _collectors = weakref.WeakSet()  # live collector threads, not counted by the fork-safety rule
@@ -542,35 +553,39 @@ class _Engine:
                     self.stalled -= 1
                 else:
                     self.outgoing[slot] = (parts, pos, size)
-        window = 1 if self.task_time > LONG_TASK else WINDOW
         while True:
-            best = None
-            for slot in range(self.n):
-                if self.workers[slot] is None or self.outgoing[slot] is not None:
-                    continue
-                if len(self.inflight[slot]) >= window:
-                    continue
-                if self.maxtasks is not None and self.sent[slot] >= self.maxtasks:
-                    continue
-                if best is None or len(self.inflight[slot]) < len(self.inflight[best]):
-                    best = slot
-            if best is None:
+            slot = self._free_slot()
+            if slot is None:
                 return
             item = self._next_task(done)
             if item is None:
                 return
-            result, idx, tid, parts = item
-            msg, seg = self.spills.spill(parts)
-            self.tasks[tid] = (result, idx, parts, _monotonic(), seg)
-            self.inflight[best].append(tid)
-            self.sent[best] += 1
-            size = _serialize.parts_size(msg)
-            pos = self.ch.put(best, msg, 0, False)
-            if best not in written:
-                written.append(best)
-            if pos != size:
-                self.outgoing[best] = (msg, pos, size)
-                self.stalled += 1
+            self._dispatch(slot, *item)
+            if slot not in written:
+                written.append(slot)
+
+    def _free_slot(self):
+        """The slot with the fewest tasks in flight among those that may take one more."""
+        window = 1 if self.task_time > LONG_TASK else WINDOW
+        best, fewest = None, window
+        for slot in range(self.n):
+            k = len(self.inflight[slot])
+            if (k < fewest and self.workers[slot] is not None and self.outgoing[slot] is None
+                    and (self.maxtasks is None or self.sent[slot] < self.maxtasks)):
+                best, fewest = slot, k
+        return best
+
+    def _dispatch(self, slot, result, idx, tid, parts):
+        """Writes a task into the slot's ring (the rest later, if it does not fit now)."""
+        msg, seg = self.spills.spill(parts)
+        self.tasks[tid] = (result, idx, parts, _monotonic(), seg)
+        self.inflight[slot].append(tid)
+        self.sent[slot] += 1
+        pos = self.ch.put(slot, msg, 0, False)
+        size = _serialize.parts_size(msg)
+        if pos != size:
+            self.outgoing[slot] = (msg, pos, size)
+            self.stalled += 1
 
     def _fail_everything(self, err, done):
         """Every pending result fails with err (the pool cannot run tasks any more)."""
@@ -753,6 +768,21 @@ class _Engine:
             self._pump(done)
         self._complete(done)
 
+    def submit_one(self, result, tid, parts):
+        """One task (apply_async): straight to the least busy worker when nothing waits
+        ahead of it, else queued behind what does."""
+        with self.lock:
+            if (self.jobs or self.retry or self.stalled or self.broken is not None
+                    or self.state != RUN):
+                slot = None
+            else:
+                slot = self._free_slot()
+            if slot is not None:
+                self._dispatch(slot, result, 0, tid, parts)
+                self.ch.wake(slot)
+                return
+        self.submit(iter(((result, 0, tid, parts),)))
+
     def collect_now(self):
         """A caller collects results (and feeds tasks) instead of the collector thread."""
         done = []
@@ -877,7 +907,7 @@ class Pool:
     def _check_running(self):
         if self._state != RUN:
             raise ValueError("Pool not running")
-        if self._engine.pid != os.getpid():
+        if self._engine.pid != _my_pid:
             raise ValueError("Pool not running: it belongs to the process that created it")
 
     def __reduce__(self):
@@ -926,8 +956,11 @@ class Pool:
     # -- submission helpers --
 
     def _submit(self, source, throttle=None):
+        self._submitting(self._engine.submit, source, throttle)
+
+    def _submitting(self, how, *args):
         try:
-            self._engine.submit(source, throttle)
+            how(*args)
         except KeyboardInterrupt:
             # Ctrl-C while tasks were being written: the pool's books may be half done, so
             # stop it, as Ctrl-C while waiting does.
@@ -1042,7 +1075,7 @@ class Pool:
         except BaseException:
             self._cache.pop(result._job, None)
             raise
-        self._submit(iter([(result, 0, tid, parts)]))
+        self._submitting(self._engine.submit_one, result, tid, parts)
         return result
 
     def map(self, func, iterable, chunksize=None):

@@ -34,6 +34,7 @@
 #define PP_WAIT_SLICE_MS 100                /* how often a blocked wait looks at signals */
 #define PP_NOGIL_COPY 65536                 /* copies at least this big release the GIL */
 #define PP_WORKER_SPIN_NS 50000             /* a worker polls this long before it sleeps */
+#define PP_SPIN_LEASE_NS 1000000            /* see Channel_spin */
 
 /* One direction between the parent and one worker. Counters only grow; offset = count % cap. */
 typedef struct {
@@ -78,6 +79,7 @@ typedef struct {
     pid_t peer;      /* worker: the parent's pid, to notice its death */
     unsigned long long peer_start; /* worker: the parent's start time, against pid reuse */
     pp_partial *partial; /* parent: one per slot */
+    _Atomic int64_t lease_until; /* parent: callers collect results themselves until then */
     int busy;        /* calls in progress that may release the GIL while using the mapping */
     int closing;     /* close() came during such a call: the last one to finish releases */
 } ChannelObject;
@@ -694,8 +696,14 @@ pp_parent_ready_cb(void *arg)
 
 /* spin(usec) -> bool: parent side, for a caller about to block on a result: polls the rings
  * for up to usec microseconds (GIL released) while the workers are told not to wake the
- * collector; True when there is something to collect. Afterwards the collector is armed
- * again, and woken if something arrived in the meantime. */
+ * collector; True when there is something to collect.
+ *
+ * A caller that found something will collect it itself, and is likely to spin again soon (a
+ * loop of apply_async().get()): it takes a lease of PP_SPIN_LEASE_NS during which workers
+ * still do not wake the collector, which sleeps only until the lease ends and then looks for
+ * itself. Without it, every result would wake the collector thread for nothing, and that
+ * thread would take the CPU of the worker or of the caller. A caller that found nothing
+ * arms the collector again, and wakes it if something arrived in the meantime. */
 static PyObject *
 Channel_spin_held(PyObject *self, PyObject *arg)
 {
@@ -713,9 +721,19 @@ Channel_spin_held(PyObject *self, PyObject *arg)
     pp_chan_hdr *h = pp_hdr(ch);
     atomic_store(&h->parent_waiting, 0);
     found = pp_spin(pp_parent_ready_cb, ch, (int64_t)(us * 1000.0));
-    atomic_store(&h->parent_waiting, 1);
-    if (!found && pp_parent_ready(ch)) {
+    int poke;
+    if (found) {
+        int64_t now = pp_now_ns();
+        /* a new lease: the collector may be asleep without a timeout; tell it once */
+        poke = atomic_exchange(&ch->lease_until, now + PP_SPIN_LEASE_NS) <= now;
+    }
+    else {
+        atomic_store(&ch->lease_until, 0);
+        atomic_store(&h->parent_waiting, 1);
         /* arrived while the workers were told not to write: hand it to the collector */
+        poke = pp_parent_ready(ch);
+    }
+    if (poke) {
         char b = 1;
         if (write(ch->wfd, &b, 1) < 0) {
             /* EAGAIN: the pipe is full, so the collector wakes anyway */
@@ -772,7 +790,17 @@ Channel_wait_held(PyObject *self, PyObject *args)
     }
     int rc = 1, err = 0;
     Py_BEGIN_ALLOW_THREADS
-    atomic_store(&pp_hdr(ch)->parent_waiting, 1);
+    int64_t now = pp_now_ns(), lease = atomic_load(&ch->lease_until);
+    if (lease > now) {
+        /* callers are collecting (see spin): look again when their lease ends, unasked */
+        int lease_ms = (int)((lease - now + 999999) / 1000000);
+        if (timeout_ms < 0 || lease_ms < timeout_ms) {
+            timeout_ms = lease_ms;
+        }
+    }
+    else {
+        atomic_store(&pp_hdr(ch)->parent_waiting, 1);
+    }
     if (!pp_parent_ready(ch)) {
         do {
             rc = poll(pfds, (nfds_t)nfds + 1, timeout_ms);
