@@ -4,19 +4,22 @@ joblib (loky) and mpire (when installed), serial as the reference, in one run.
 Workloads (2 workers by default, or --workers N):
   W1 tiny tasks     map(square, range(200_000)) on a warm pool          us per task
   W2 coarse CPU     naive Python fib over [30,29,28,27,26,25]*2, chunksize 1   speedup vs serial
-  W7 startup        create a pool, map a no-op over 2 items, close, join (fork, spawn)
+  W7 startup        create a pool, map a no-op over 2 items, close, join (fork, spawn);
+                    under fork also the floor: fork the workers, let them exit, reap them
   W8 latency        1,000 sequential apply_async(noop).get() on a warm pool  us per round trip
   W5 big arguments  32 numpy arrays of 4 MiB, the task returns the sum (chunksize 1)  GB/s
 
 Method: the libraries take turns within each repeat (so a drift of the machine's speed is
 shared by all), each turn on a fresh pool made and warmed up outside the timed region (except
-in W7, which times exactly that) and closed after it, so one library's workers run at a time.
+in W7, which times exactly that) and closed after it, so one library's workers run at a time;
+W1, W8 and W5 run their work once untimed first (a pool in use: its buffers and caches warm).
 5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 spawn: 3); the median is reported with the
 spread (min-max); "vs mp" is the median divided by multiprocessing.Pool's median from the
 same run (lower is better). Caveat: on a machine shared with other work, timings are noisy;
 compare ratios from one run, not absolute times across runs.
 
-Usage: python benchmarks/bench_pool.py [--quick] [--workers N] [--only W1,W7,...] [--json PATH]
+Usage: python benchmarks/bench_pool.py [--quick] [--repeats N] [--workers N] [--only W1,W7,...]
+                                      [--json PATH]
 """
 from __future__ import annotations
 
@@ -38,7 +41,6 @@ except ImportError:  # pragma: no cover
     np = None
 try:
     import joblib
-    from joblib.externals.loky import get_reusable_executor
 except ImportError:  # pragma: no cover
     joblib = None
 try:
@@ -94,20 +96,42 @@ def _libs(workers):
             lambda p: p.submit(noop).result(), lambda p: p.shutdown(wait=True)),
     ]
     if joblib is not None:
+        # joblib as people use it for maps: Parallel(...)(delayed(f)(x) ...), which
+        # memory-maps numpy arrays over 1 MB instead of pickling them; single round trips
+        # (W8) go to the loky executor underneath, as Parallel per call costs milliseconds.
+        # Its workers are shut down on close, so that the next pool starts its own.
         def jl_make(m):
-            ex = get_reusable_executor(max_workers=workers, reuse=False)
-            return ex
+            return joblib.Parallel(n_jobs=workers, backend="loky").__enter__()
 
-        libs.append(Lib("joblib (loky)", jl_make,
-                        lambda p, f, xs, c: list(p.map(f, xs, chunksize=c or _stdlib_chunksize(len(xs), workers))),
-                        lambda p: p.submit(noop).result(), lambda p: p.shutdown(wait=True),
-                        methods=("loky",)))
+        def jl_map(p, f, xs, c):
+            return p(joblib.delayed(f)(x) for x in xs)
+
+        def jl_rt(p):
+            return p._backend._workers.submit(noop).result()  # the executor under Parallel
+
+        def jl_close(p):
+            ex = p._backend._workers
+            p.__exit__(None, None, None)
+            ex.shutdown(wait=True)
+
+        libs.append(Lib("joblib (loky)", jl_make, jl_map, jl_rt, jl_close, methods=("loky",)))
     if mpire is not None:
         libs.append(Lib("mpire", lambda m: mpire.WorkerPool(workers, start_method=m),
                         lambda p, f, xs, c: p.map(f, xs, chunk_size=c),
                         lambda p: p.apply_async(noop).get(),
                         lambda p: p.terminate()))
     return libs
+
+
+def _bare_forks(n):
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
 
 
 def _time_once(fn):
@@ -125,8 +149,8 @@ def _warm(lib, method="fork"):
 WORKLOADS = ("W1", "W2", "W7", "W8", "W5")
 
 
-def run(workers, quick, only=WORKLOADS):
-    reps = 3 if quick else 5
+def run(workers, quick, only=WORKLOADS, repeats=None):
+    reps = repeats or (3 if quick else 5)
     rows = []
     libs = _libs(workers)
 
@@ -136,17 +160,22 @@ def run(workers, quick, only=WORKLOADS):
         print(f"  {workload:<16} {lib:<20} {statistics.median(ts):9.4f} s  {metric:10.3f} {unit}",
               file=sys.stderr, flush=True)
 
-    def measure(workload, cases, repeats, metric, unit, warm=True):
+    repeats_override = repeats
+
+    def measure(workload, cases, repeats, metric, unit, warm=True, rehearse=True):
         """cases: [(name, lib or None, fn(pool))]. The cases take turns within each repeat,
         so a drift of the machine's speed is shared by all. With warm=True each turn gets a
-        fresh pool, warmed up outside the timed region and closed after it (one library's
-        pool at a time: idle workers of the others cannot disturb it); otherwise fn makes
-        its own. metric(median, medians) -> the reported number."""
+        fresh pool, warmed up outside the timed region (and with rehearse=True, given the
+        same work once untimed: the steady state of a pool in use) and closed after it (one
+        library's pool at a time: idle workers of the others cannot disturb it); otherwise
+        fn makes its own. metric(median, medians) -> the reported number."""
         times = {name: [] for name, _, _ in cases}
-        for _ in range(repeats):
+        for _ in range(repeats_override or repeats):
             for name, lib, fn in cases:
                 pool = _warm(lib) if (warm and lib is not None) else None
                 try:
+                    if rehearse:
+                        fn(pool)
                     times[name].append(_time_once(lambda: fn(pool)))
                 finally:
                     if pool is not None:
@@ -167,7 +196,7 @@ def run(workers, quick, only=WORKLOADS):
         cases = [("serial", None, lambda _: [fib(n) for n in fib_in])]
         cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, fib, fib_in, 1)) for lib in libs]
         measure("W2 coarse CPU", cases, 1 if quick else 3, lambda t, m: m["serial"] / t,
-                "x serial")
+                "x serial", rehearse=False)
 
     if "W7" in only:  # start-up
         for method in ("fork", "spawn"):
@@ -182,8 +211,12 @@ def run(workers, quick, only=WORKLOADS):
                     lib.close(p)
 
                 cases.append((lib.name, lib, startup))
+            if method == "fork":
+                # the floor: forking the workers and reaping them, with nothing in between
+                cases.insert(0, ("bare os.fork+exit", None, lambda _: _bare_forks(workers)))
             r7 = (5 if quick else 15) if method == "fork" else (2 if quick else 3)
-            measure(f"W7 startup {method}", cases, r7, lambda t, m: t * 1e3, "ms", warm=False)
+            measure(f"W7 startup {method}", cases, r7, lambda t, m: t * 1e3, "ms", warm=False,
+                    rehearse=False)
 
     if "W8" in only:  # round-trip latency
         n8 = 300 if quick else 1000
@@ -209,6 +242,7 @@ def run(workers, quick, only=WORKLOADS):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
+    ap.add_argument("--repeats", type=int, default=None, help="repeats of every measurement")
     ap.add_argument("--workers", type=int, default=min(2, pyparallel.cpu_count()) or 1)
     ap.add_argument("--only", default=",".join(WORKLOADS),
                     help="comma-separated workloads to run (default: all of %(default)s)")
@@ -218,7 +252,7 @@ def main(argv=None):
     unknown = set(only) - set(WORKLOADS)
     if unknown:
         ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
-    rows = run(args.workers, args.quick, only)
+    rows = run(args.workers, args.quick, only, args.repeats)
     ref = {r["workload"]: r["median_s"] for r in rows if r["library"] == "multiprocessing"}
     for r in rows:
         r["vs_mp"] = r["median_s"] / ref[r["workload"]] if r["workload"] in ref else None

@@ -33,3 +33,16 @@ def test_bench_shared_quick(tmp_path):
     assert all(r["median"] > 0 for r in data["rows"])
     for word in ("Python", "W6 counter", "W5", "pyparallel.Pool", "lock round trip", "vs mp"):
         assert word in stdout
+
+
+def test_bench_pool_quick(tmp_path):
+    stdout, data = run_bench("bench_pool.py", tmp_path, 300)
+    seen = {(r["workload"], r["library"]) for r in data["rows"]}
+    for w in ("W1 tiny tasks", "W2 coarse CPU", "W7 startup fork", "W7 startup spawn",
+              "W8 latency", "W5 big arguments"):
+        assert (w, "pyparallel") in seen and (w, "multiprocessing") in seen
+    assert ("W7 startup fork", "bare os.fork+exit") in seen
+    mp_rows = [r for r in data["rows"] if r["library"] == "multiprocessing"]
+    assert all(r["vs_mp"] == 1.0 for r in mp_rows)
+    assert all(r["median_s"] > 0 for r in data["rows"])
+    assert "vs mp" in stdout
