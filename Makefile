@@ -45,13 +45,15 @@ asan: $(VENV)/.installed
 	  $(VPY) -m pytest -q -p no:cacheprovider -m "not stress" $(PYTEST_ARGS); \
 	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; exit $$rc
 
-# The kernel tests under valgrind memcheck (slow). The interpreter itself is not built for
-# valgrind and reports noise of its own, so only errors with a frame in _core fail the run.
+# The in-process tests of the C code (kernels, fork safety, codec, channel, shared memory)
+# under valgrind memcheck (slow). The interpreter itself is not built for valgrind and reports
+# noise of its own, so only errors with a frame in _core fail the run.
 valgrind: $(VENV)/.installed
 	mkdir -p build
 	$(BUILD_ENV) PYPARALLEL_DEBUG_BUILD=1 $(VPY) setup.py -q build_ext --inplace --force
 	PYTHONMALLOC=malloc valgrind -q --leak-check=no --log-file=build/valgrind.log \
 	  $(VPY) -m pytest -q -p no:cacheprovider -x tests/test_kernels.py tests/test_fork.py \
+	  tests/test_codec.py tests/test_pool_channel.py tests/test_shared.py \
 	  -k "not gil and not large" $(PYTEST_ARGS); \
 	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; \
 	  if grep -q "_core\.cpython" build/valgrind.log; then echo "valgrind: errors in _core, see build/valgrind.log"; exit 1; fi; \

@@ -21,8 +21,8 @@
 #include <linux/futex.h>
 #include <poll.h>
 #include <signal.h>
-#include <stdlib.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -42,10 +42,10 @@ typedef struct {
     char pad0[56];
     _Atomic uint64_t tail; /* bytes read, by the consumer */
     char pad1[56];
-    _Atomic uint32_t data_seq;   /* futex word: bumped by the producer after a write */
-    _Atomic uint32_t cons_wait;  /* the consumer sleeps (or is about to) on data_seq */
-    _Atomic uint32_t space_seq;  /* futex word: bumped by the consumer after a read */
-    _Atomic uint32_t prod_wait;  /* the producer waits for space */
+    _Atomic uint32_t data_seq;  /* futex word: bumped by the producer after a write */
+    _Atomic uint32_t cons_wait; /* the consumer sleeps (or is about to) on data_seq */
+    _Atomic uint32_t space_seq; /* futex word: bumped by the consumer after a read */
+    _Atomic uint32_t prod_wait; /* the producer waits for space */
     char pad2[48];
 } pp_ring;
 
@@ -70,18 +70,18 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    char *base;      /* mapping of the whole region */
+    char *base; /* mapping of the whole region */
     size_t size;
-    int fd;          /* the memfd */
-    int rfd;         /* parent: read end of the wake pipe */
-    int wfd;         /* write end of the wake pipe (parent: both ends) */
-    int owner;       /* 1 in the parent that created it */
-    pid_t peer;      /* worker: the parent's pid, to notice its death */
+    int fd;                        /* the memfd */
+    int rfd;                       /* parent: read end of the wake pipe */
+    int wfd;                       /* write end of the wake pipe (parent: both ends) */
+    int owner;                     /* 1 in the parent that created it */
+    pid_t peer;                    /* worker: the parent's pid, to notice its death */
     unsigned long long peer_start; /* worker: the parent's start time, against pid reuse */
-    pp_partial *partial; /* parent: one per slot */
-    _Atomic int64_t lease_until; /* parent: callers collect results themselves until then */
-    int busy;        /* calls in progress that may release the GIL while using the mapping */
-    int closing;     /* close() came during such a call: the last one to finish releases */
+    pp_partial *partial;           /* parent: one per slot */
+    _Atomic int64_t lease_until;   /* parent: callers collect results themselves until then */
+    int busy;    /* calls in progress that may release the GIL while using the mapping */
+    int closing; /* close() came during such a call: the last one to finish releases */
 } ChannelObject;
 
 static void pp_channel_release(ChannelObject *ch);
@@ -985,16 +985,16 @@ Channel_send_held(PyObject *self, PyObject *args)
 
 /* The methods that release the GIL hold the mapping for their whole call: another thread's
  * close() meanwhile only marks the channel closing, and the last of them unmaps it. */
-#define PP_HELD_METHOD(name)                                                                \
-    static PyObject *Channel_##name(PyObject *self, PyObject *arg)                         \
-    {                                                                                      \
-        ChannelObject *ch = (ChannelObject *)self;                                         \
-        ch->busy++;                                                                        \
-        PyObject *res = Channel_##name##_held(self, arg);                                  \
-        if (--ch->busy == 0 && ch->closing) {                                              \
-            pp_channel_release(ch);                                                        \
-        }                                                                                  \
-        return res;                                                                        \
+#define PP_HELD_METHOD(name)                                                                       \
+    static PyObject *Channel_##name(PyObject *self, PyObject *arg)                                 \
+    {                                                                                              \
+        ChannelObject *ch = (ChannelObject *)self;                                                 \
+        ch->busy++;                                                                                \
+        PyObject *res = Channel_##name##_held(self, arg);                                          \
+        if (--ch->busy == 0 && ch->closing) {                                                      \
+            pp_channel_release(ch);                                                                \
+        }                                                                                          \
+        return res;                                                                                \
     }
 PP_HELD_METHOD(put)
 PP_HELD_METHOD(get)

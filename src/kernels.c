@@ -54,8 +54,7 @@ pp_fast_items(PyObject *iterable, const char *who)
 /* Converts `o` like operator.index() and clamps it into [lo, hi_ok]; values above hi_ok set
  * OverflowError with `overflow_msg`, values below lo become lo. Returns -1 on error. */
 static int
-pp_index_arg(PyObject *o, long long lo, long long hi_ok, const char *overflow_msg,
-             long long *out)
+pp_index_arg(PyObject *o, long long lo, long long hi_ok, const char *overflow_msg, long long *out)
 {
     PyObject *py_idx = PyNumber_Index(o);
     if (py_idx == NULL) {
@@ -501,8 +500,8 @@ pp_unpack2(PyObject *o, PyObject **a, PyObject **b)
         Py_ssize_t size = PySequence_Fast_GET_SIZE(o);
         if (size != 2) {
             if (size < 2) {
-                PyErr_Format(PyExc_ValueError,
-                             "not enough values to unpack (expected 2, got %zd)", size);
+                PyErr_Format(PyExc_ValueError, "not enough values to unpack (expected 2, got %zd)",
+                             size);
             }
             else {
                 PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
@@ -533,8 +532,8 @@ pp_unpack2(PyObject *o, PyObject **a, PyObject **b)
     if (PyErr_Occurred() || got != 2) {
         if (!PyErr_Occurred()) {
             if (got < 2) {
-                PyErr_Format(PyExc_ValueError,
-                             "not enough values to unpack (expected 2, got %zd)", got);
+                PyErr_Format(PyExc_ValueError, "not enough values to unpack (expected 2, got %zd)",
+                             got);
             }
             else {
                 PyErr_SetString(PyExc_ValueError, "too many values to unpack (expected 2)");
@@ -685,9 +684,10 @@ pp_buf_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
 #define PP_BUF_CHUNK 65536 /* see PP_MUL_CHUNK */
 #define PP_BUF_RELEASE 32768
 
-PyDoc_STRVAR(pp_wmb_doc, "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /)\n--\n\n"
-                         "out[i] = numbers[i] * weights[i] over int64/float64 buffers of one length.\n"
-                         "The public wrapper is pyparallel.kernels.weighted_multiply_buffer.");
+PyDoc_STRVAR(pp_wmb_doc,
+             "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /)\n--\n\n"
+             "out[i] = numbers[i] * weights[i] over int64/float64 buffers of one length.\n"
+             "The public wrapper is pyparallel.kernels.weighted_multiply_buffer.");
 
 static PyObject *
 pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -809,7 +809,8 @@ Kernel_map(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
-        if (!PyUnicode_Check(py_name) || !(PyUnicode_CompareWithASCIIString(py_name, "threads") == 0)) {
+        if (!PyUnicode_Check(py_name) ||
+            !(PyUnicode_CompareWithASCIIString(py_name, "threads") == 0)) {
             PyErr_Format(PyExc_TypeError, "%s.map() got an unexpected keyword argument '%S'",
                          def->name, py_name);
             return NULL;

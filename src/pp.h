@@ -28,7 +28,7 @@ PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X) \
+#define PP_STATE_OBJECTS(X)                                                                        \
     X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
 
 typedef struct {

@@ -461,15 +461,24 @@ static Py_ssize_t
 pp_code_size(char code)
 {
     switch (code) {
-    case 'b': case 'B': case 'c': case '?':
+    case 'b':
+    case 'B':
+    case 'c':
+    case '?':
         return 1;
-    case 'h': case 'H':
+    case 'h':
+    case 'H':
         return 2;
-    case 'i': case 'I': case 'f':
+    case 'i':
+    case 'I':
+    case 'f':
         return 4;
-    case 'l': case 'L':
+    case 'l':
+    case 'L':
         return (Py_ssize_t)sizeof(long);
-    case 'q': case 'Q': case 'd':
+    case 'q':
+    case 'Q':
+    case 'd':
         return 8;
     default:
         return 0;
@@ -602,36 +611,35 @@ typedef enum {
 
 /* One atomic operation on an integer of `size` bytes at p, on the bit pattern (so signed and
  * unsigned share the wrap-around arithmetic). Returns the result bits; *ok is the CAS result. */
-#define PP_ATOMIC_BODY(T)                                                                      \
-    do {                                                                                       \
-        _Atomic T *a = (_Atomic T *)p;                                                         \
-        T x = (T)v, e = (T)expected;                                                           \
-        switch (op) {                                                                          \
-        case PP_AT_LOAD:                                                                       \
-            return (uint64_t)atomic_load(a);                                                   \
-        case PP_AT_STORE:                                                                      \
-            atomic_store(a, x);                                                                \
-            return 0;                                                                          \
-        case PP_AT_EXCHANGE:                                                                   \
-            return (uint64_t)atomic_exchange(a, x);                                            \
-        case PP_AT_FETCH_ADD:                                                                  \
-            return (uint64_t)atomic_fetch_add(a, x);                                           \
-        case PP_AT_ADD:                                                                        \
-            return (uint64_t)(T)(atomic_fetch_add(a, x) + x);                                  \
-        case PP_AT_FETCH_SUB:                                                                  \
-            return (uint64_t)atomic_fetch_sub(a, x);                                           \
-        case PP_AT_SUB:                                                                        \
-            return (uint64_t)(T)(atomic_fetch_sub(a, x) - x);                                  \
-        case PP_AT_CAS:                                                                        \
-            *ok = atomic_compare_exchange_strong(a, &e, x);                                    \
-            return (uint64_t)e;                                                                \
-        }                                                                                      \
-        return 0;                                                                              \
+#define PP_ATOMIC_BODY(T)                                                                          \
+    do {                                                                                           \
+        _Atomic T *a = (_Atomic T *)p;                                                             \
+        T x = (T)v, e = (T)expected;                                                               \
+        switch (op) {                                                                              \
+        case PP_AT_LOAD:                                                                           \
+            return (uint64_t)atomic_load(a);                                                       \
+        case PP_AT_STORE:                                                                          \
+            atomic_store(a, x);                                                                    \
+            return 0;                                                                              \
+        case PP_AT_EXCHANGE:                                                                       \
+            return (uint64_t)atomic_exchange(a, x);                                                \
+        case PP_AT_FETCH_ADD:                                                                      \
+            return (uint64_t)atomic_fetch_add(a, x);                                               \
+        case PP_AT_ADD:                                                                            \
+            return (uint64_t)(T)(atomic_fetch_add(a, x) + x);                                      \
+        case PP_AT_FETCH_SUB:                                                                      \
+            return (uint64_t)atomic_fetch_sub(a, x);                                               \
+        case PP_AT_SUB:                                                                            \
+            return (uint64_t)(T)(atomic_fetch_sub(a, x) - x);                                      \
+        case PP_AT_CAS:                                                                            \
+            *ok = atomic_compare_exchange_strong(a, &e, x);                                        \
+            return (uint64_t)e;                                                                    \
+        }                                                                                          \
+        return 0;                                                                                  \
     } while (0)
 
 static uint64_t
-pp_atomic_apply(void *p, Py_ssize_t size, pp_atomic_op op, uint64_t v, uint64_t expected,
-                int *ok)
+pp_atomic_apply(void *p, Py_ssize_t size, pp_atomic_op op, uint64_t v, uint64_t expected, int *ok)
 {
     switch (size) {
     case 1:
@@ -686,7 +694,8 @@ pp_bits_to_int(SharedViewObject *self, uint64_t b)
 {
     switch (self->itemsize) {
     case 1:
-        return pp_code_signed(self->code) ? PyLong_FromLong((int8_t)b) : PyLong_FromLong((uint8_t)b);
+        return pp_code_signed(self->code) ? PyLong_FromLong((int8_t)b)
+                                          : PyLong_FromLong((uint8_t)b);
     case 2:
         return pp_code_signed(self->code) ? PyLong_FromLong((int16_t)b)
                                           : PyLong_FromLong((uint16_t)b);
@@ -774,8 +783,7 @@ pp_atomic_call(SharedViewObject *self, PyObject *const *args, Py_ssize_t nargs, 
     }
     uint64_t v = 0, expected = 0;
     if (op == PP_AT_CAS) {
-        if (pp_int_to_bits(self, args[0], &expected) < 0 ||
-            pp_int_to_bits(self, args[1], &v) < 0) {
+        if (pp_int_to_bits(self, args[0], &expected) < 0 || pp_int_to_bits(self, args[1], &v) < 0) {
             return NULL;
         }
     }
@@ -793,12 +801,12 @@ pp_atomic_call(SharedViewObject *self, PyObject *const *args, Py_ssize_t nargs, 
     return pp_bits_to_int(self, r);
 }
 
-#define PP_ATOMIC_METHOD(pyname, nvals, op, sig, text)                                         \
-    PyDoc_STRVAR(SharedView_##pyname##_doc, #pyname "($self, " sig "/)\n--\n\n" text);         \
-    static PyObject *SharedView_##pyname(SharedViewObject *self, PyObject *const *args,        \
-                                         Py_ssize_t nargs)                                     \
-    {                                                                                          \
-        return pp_atomic_call(self, args, nargs, nvals, op, #pyname);                          \
+#define PP_ATOMIC_METHOD(pyname, nvals, op, sig, text)                                             \
+    PyDoc_STRVAR(SharedView_##pyname##_doc, #pyname "($self, " sig "/)\n--\n\n" text);             \
+    static PyObject *SharedView_##pyname(SharedViewObject *self, PyObject *const *args,            \
+                                         Py_ssize_t nargs)                                         \
+    {                                                                                              \
+        return pp_atomic_call(self, args, nargs, nvals, op, #pyname);                              \
     }
 
 PP_ATOMIC_METHOD(load, 0, PP_AT_LOAD, "[index], ", "Atomically reads the item.")
@@ -964,8 +972,8 @@ static PyType_Slot SharedView_slots[] = {
 static PyType_Spec SharedView_spec = {
     .name = "pyparallel._core.SharedView",
     .basicsize = sizeof(SharedViewObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
-             Py_TPFLAGS_IMMUTABLETYPE,
+    .flags =
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = SharedView_slots,
 };
 

@@ -14,8 +14,8 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -221,8 +221,8 @@ SemLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_ssize_t offset;
     int kind, value, maxvalue, create;
     static char *kwlist[] = {"segment", "offset", "kind", "value", "maxvalue", "create", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oniiip:SemLock", kwlist, &py_seg, &offset,
-                                     &kind, &value, &maxvalue, &create)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oniiip:SemLock", kwlist, &py_seg, &offset, &kind,
+                                     &value, &maxvalue, &create)) {
         return NULL;
     }
     if (kind < PP_KIND_LOCK || kind > PP_KIND_SEMAPHORE) {
@@ -386,8 +386,7 @@ SemLock_acquire(SemLockObject *self, PyObject *const *args, Py_ssize_t nargsf, P
             py_timeout = val;
         }
         else {
-            PyErr_Format(PyExc_TypeError, "acquire() got an unexpected keyword argument '%U'",
-                         key);
+            PyErr_Format(PyExc_TypeError, "acquire() got an unexpected keyword argument '%U'", key);
             return NULL;
         }
     }
@@ -664,8 +663,8 @@ static PyType_Slot SemLock_slots[] = {
 static PyType_Spec SemLock_spec = {
     .name = "pyparallel._core.SemLock",
     .basicsize = sizeof(SemLockObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
-             Py_TPFLAGS_IMMUTABLETYPE,
+    .flags =
+        Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = SemLock_slots,
 };
 

@@ -47,7 +47,8 @@ static struct {
     int running;      /* threads still inside the current generation's loop */
     int participants; /* fallback: helpers 0..participants-1 take part in this generation */
     int started;      /* threads started: the master (OpenMP) or helpers (fallback) */
-    unsigned long born; /* generation when the latest threads were started: they wait for the next */
+    unsigned long
+        born; /* generation when the latest threads were started: they wait for the next */
     bool atfork_registered;
     /* OS thread ids of the team's threads (master, OpenMP workers, helpers), so that fork
      * policy can tell them from threads that could hold a lock across fork(). */
