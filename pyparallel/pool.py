@@ -9,21 +9,36 @@ its exception classes), on a shared-memory transport written in C::
     -------------                      ---------------------               --------
     map(f, xs): chunk, pickle (p5) --> task ring i  (SPSC bytes, futex) --> recv, unpickle,
                  writes while it fits                                        run f(chunk)
+                 big buffers -------> spill segment (reused) ------------> mapped, viewed
     AsyncResult.get() <-- collector <-- result ring i (SPSC bytes) <------- pickle, send
-                          thread: poll(wake pipe + worker sentinels),
+                          thread: poll(wake pipe + worker pidfds),
                           completes results, feeds the next chunks, replaces dead workers
 
 There is no task-handler thread: the caller writes tasks into the rings itself, at most
-``WINDOW`` chunks ahead per worker; the rest is fed by the collector as results come back, so
-``imap`` over an endless generator holds a bounded window in memory (at most ``4 * WINDOW *
-processes`` results wait unread). Large buffers (numpy arrays, bytes) travel out of band:
-copied once, from their memory into the ring. A ``range`` is chunked into ranges.
+``WINDOW`` chunks ahead per worker; the rest is fed by the collector as results come back
+(it writes the next tasks before it unpickles the results that freed the room), so ``imap``
+over an endless generator holds a bounded window in memory (at most ``4 * WINDOW *
+processes`` results wait unread). A ``range`` is chunked into ranges, and long lists of plain
+ints or floats (chunks of arguments, chunks of results) travel as packed arrays.
+
+Large buffers (numpy arrays, bytes: pickle protocol 5 out of band) are copied once: a task
+whose buffers add up to ``_serialize.SPILL_MIN`` or more has them copied into a shared
+segment of the pool's that the worker maps and unpickles from in place; segments are reused
+from task to task, and one that a task still references after it returned (kept in a global,
+say) is never written again. Smaller ones are copied into the ring (and out of it).
 
 Waiting: a worker polls its ring for 50 us after a task before it sleeps on a futex, and a
 caller about to block in ``get()``/``next()`` first polls the result rings itself for
 ``SPIN_US`` and completes what arrived, so a short round trip costs no sleep and no wakeup
-(each costs tens of microseconds on a busy or virtual machine). Otherwise the collector is
-woken through a pipe, only when it said it sleeps.
+(each costs tens of microseconds on a busy or virtual machine). A caller that found its
+result that way holds a 1 ms lease during which workers do not wake the collector (it looks
+by itself when the lease ends); otherwise the collector is woken through a pipe, only when it
+said it sleeps.
+
+Under the fork start method the workers are forked directly (:mod:`pyparallel._fork`:
+multiprocessing's own child bootstrap, without its Popen bookkeeping; they are watched
+through pidfds and are not in ``multiprocessing.active_children()``); under forkserver and
+spawn they are the context's Processes.
 
 Each worker serves one slot: its own pair of rings, so a worker's death can corrupt nothing
 but its slot, which is reset before the replacement starts; results come back in order per

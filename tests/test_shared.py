@@ -486,3 +486,31 @@ def test_cloudpickle_by_handle_including_closures():
     f = pickle.loads(cloudpickle.dumps(lambda: v.add(1)))
     f()
     assert v.value == 2
+
+
+def test_segment_write_words_and_release():
+    """The Segment primitives the pool's spill segments use."""
+    from pyparallel import _core
+
+    seg = _core.Segment(1 << 20)
+    data = bytes(range(256)) * 1024  # 256 KiB: copied with the GIL released
+    seg.write(64, data)
+    assert bytes(memoryview(seg)[64:64 + len(data)]) == data
+    with pytest.raises(IndexError):
+        seg.write((1 << 20) - 10, b"x" * 11)
+    with pytest.raises(IndexError):
+        seg.write(-1, b"x")
+    assert seg.load32(0) == 0
+    seg.store32(0, 0xFFFFFFFF)
+    assert seg.load32(0) == 0xFFFFFFFF
+    with pytest.raises(ValueError):
+        seg.load32(2)  # unaligned
+    with pytest.raises(OverflowError):
+        seg.store32(0, 1 << 32)
+    view = memoryview(seg)[100:200]
+    assert seg.release(0) is False and seg.load32(0) == 0xFFFFFFFF  # a view exists
+    view.release()
+    assert seg.release(0) is True and seg.load32(0) == 0
+    seg.close()
+    with pytest.raises(ValueError):
+        seg.write(0, b"x")
