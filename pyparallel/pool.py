@@ -647,6 +647,15 @@ class _Engine:
             self.spills.give(entry[4])
         done.append((entry[0], entry[1], msg))
 
+    def _drain_all(self, done):
+        """Takes every slot's results (self.lock held); False once the pool is terminated."""
+        if self.state == TERMINATE:
+            return False
+        for slot in range(self.n):
+            if self.workers[slot] is not None:
+                self._drain(slot, done)
+        return True
+
     def _drain(self, slot, done):
         while True:
             msg = self.ch.get(slot)
@@ -750,11 +759,8 @@ class _Engine:
             done = []
             finished = False
             with self.lock:
-                if self.state == TERMINATE:
+                if not self._drain_all(done):
                     return
-                for slot in range(self.n):
-                    if self.workers[slot] is not None:
-                        self._drain(slot, done)
                 for slot, p in enumerate(self.workers):
                     if p is not None and p.exitcode is not None:
                         self._reap(slot, done)
@@ -802,11 +808,8 @@ class _Engine:
         """A caller collects results (and feeds tasks) instead of the collector thread."""
         done = []
         with self.lock:
-            if self.state == TERMINATE:
+            if not self._drain_all(done):
                 return
-            for slot in range(self.n):
-                if self.workers[slot] is not None:
-                    self._drain(slot, done)
             self._pump(done)
         self._complete(done)
 
