@@ -17,7 +17,10 @@ import os
 import select
 import signal
 
-__all__ = ["available", "ForkedProcess"]
+__all__ = ["available", "ForkedProcess", "UNKNOWN_EXIT"]
+
+#: exitcode of a child whose exit status someone else collected (no real code is 256)
+UNKNOWN_EXIT = 256
 
 
 def available() -> bool:
@@ -69,7 +72,7 @@ class ForkedProcess:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped elsewhere (a SIGCHLD handler): gone anyway
-                self._code = -signal.SIGKILL
+                self._code = UNKNOWN_EXIT
             else:
                 if pid:
                     self._code = os.waitstatus_to_exitcode(status)

@@ -2,14 +2,16 @@
 
 A message is a tuple of parts written back to back into a ring (no concatenation copy)::
 
-    header  <QII + nbuf*Q>: tid, number of out-of-band buffers, pickle length, buffer lengths
+    header  <QIII + nbuf*Q>: tid, number of out-of-band buffers, pickle length, flags,
+            buffer lengths; with SPILLED also <iQQ> (the segment) + nbuf*Q (offsets in it)
     pickle  the protocol-5 pickle of the payload
-    buffers raw views of large buffers (numpy arrays, bytes, ...), not copied until the ring
+    buffers raw views of large buffers (numpy arrays, bytes, ...), not copied until the ring;
+            absent when SPILLED: :func:`spill` copied them into a shared segment instead
 
 Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed arrays
-(:func:`pack_numbers`). Functions are pickled by reference when that works in any process (an importable module-level
-function) and by value with cloudpickle otherwise (lambdas, closures, functions defined in
-``__main__`` or a notebook cell), so they run under every start method.
+(:func:`pack_numbers`). Functions are pickled by reference when that works in any process (an
+importable module-level function) and by value with cloudpickle otherwise (lambdas, closures,
+functions defined in ``__main__`` or a notebook cell), so they run under every start method.
 """
 from __future__ import annotations
 

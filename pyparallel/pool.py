@@ -136,7 +136,7 @@ class PoolTerminatedError(multiprocessing.ProcessError):
 
 
 def _describe_exit(pid, code):
-    if code is None:
+    if code is None or code == _fork.UNKNOWN_EXIT:
         return f"worker process {pid} died"
     if code < 0:
         try:
@@ -360,9 +360,10 @@ def _abort(result, err):
 
 class _SpillPool:
     """Shared segments for tasks' large buffers (see _serialize.spill), reused: a new segment
-    costs page faults as it is first written, a reused one only the copy. A worker sets a
-    segment's first word to 0 when it has unmapped it; one that is still 1 after its task
-    completed is still referenced in the worker (a task kept a view) and is not reused."""
+    costs page faults as it is first written, a reused one only the copy. Its first word is
+    SPILL_BUSY from the moment it is given to a task until the worker has no view of it left
+    (SPILL_FREE; the worker keeps it mapped for the next time). One still busy after its task
+    completed is referenced in the worker (the task kept a view) and is not reused."""
 
     ROUND = 1 << 20
     KEEP_BYTES = 256 << 20  # free segments kept, at most
