@@ -320,14 +320,20 @@ class IMapUnorderedIterator(_mpp.IMapUnorderedIterator, IMapIterator):
 
 #: a caller about to block on a result first polls the rings itself this long (microseconds)
 SPIN_US = 150.0
+#: ... unless tasks take longer than this on average (seconds; well above SPIN_US, as a task's
+#: time as measured here includes the wait for its result to be noticed)
+_NO_SPIN_TASK = 0.001
 
 
 def _help(pool, done):
     """Before blocking on a result: collect it ourselves if it comes within SPIN_US, saving
     the collector's wakeup and ours (tens of microseconds each on a busy machine)."""
     eng = getattr(pool, "_engine", None)
-    if eng is None or not eng.warm or eng.state == TERMINATE or eng.ch is None:
-        return  # (workers that never answered yet are still starting: no use spinning)
+    if (eng is None or not eng.warm or eng.task_time > _NO_SPIN_TASK
+            or eng.state == TERMINATE or eng.ch is None):
+        # No use spinning for workers that never answered yet (still starting) or for tasks
+        # that take far longer than the spin: it would only keep a CPU from the workers.
+        return
     try:
         if eng.ch.spin(SPIN_US):
             eng.collect_now()
