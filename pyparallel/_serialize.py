@@ -169,7 +169,7 @@ def _aligned(n):
 
 def spill_size(parts) -> int:
     """The segment size :func:`spill` needs for ``parts``, or 0 when it is not worth it."""
-    sizes = [memoryview(p).nbytes for p in parts[2:]]
+    sizes = [len(p) for p in parts[2:]]  # byte views: see parts_size
     if sum(sizes) < SPILL_MIN:
         return 0
     return SPILL_DATA + sum(_aligned(n) for n in sizes)
@@ -254,13 +254,13 @@ def _decode(msg, pid, cache=None):
         pos += _SPILL.size
         offsets = struct.unpack_from(f"<{nbuf}Q", msg, pos)
         pos += 8 * nbuf
+    data = mv[pos : pos + plen]
+    if flags & SPILLED:
         seg = cache.attach(pid, fd, ino, size)
         view = memoryview(seg)
         buffers = [view[o : o + n] for o, n in zip(offsets, lens)]
         del view
-        data = mv[pos : pos + plen]
     else:
-        data = mv[pos : pos + plen]
         pos += plen
         buffers = []
         for n in lens:

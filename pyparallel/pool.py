@@ -741,7 +741,7 @@ class _Engine:
                 self._fail_everything(err, done)
             self._complete(done)
             self._kill_all()
-        if self.state == TERMINATE and self.pid == os.getpid():
+        if self.state == TERMINATE and self.pid == _my_pid:
             self._release()
 
     def _complete(self, done):
@@ -832,7 +832,7 @@ class _Engine:
         self.ch.notify()
 
     def terminate(self):
-        if os.getpid() != self.pid:
+        if _my_pid != self.pid:
             return
         with self.lock:
             already = self.state == TERMINATE
