@@ -1,289 +1,323 @@
-"""Message encoding for the pool's channel: pickle protocol 5 with out-of-band buffers.
+"""Pickling of functions and task arguments, shared by every backend.
 
-A message is a tuple of parts written back to back into a ring (no concatenation copy)::
+A function that the worker can import by name travels by reference. One that cannot (a
+lambda, a closure, a function from ``__main__`` or a notebook cell that the worker does not
+have) travels **by value**, but its globals resolve in **one namespace per module in the
+worker**, not in a private dictionary per pickle:
 
-    header  <QIII + nbuf*Q>: tid, number of out-of-band buffers, pickle length, flags,
-            buffer lengths; with SPILLED also <iQQ> (the segment) + nbuf*Q (offsets in it)
-    pickle  the protocol-5 pickle of the payload
-    buffers raw views of large buffers (numpy arrays, bytes, ...), not copied until the ring;
-            absent when SPILLED: :func:`spill` copied them into a shared segment instead
+- under fork that namespace is the inherited module itself (``__main__`` as it was when the
+  worker was forked), so a global that existed then is not sent at all;
+- under spawn and forkserver (and on a Dask worker) it is the worker's own ``__main__`` (or
+  the imported module), and the names missing there are filled in from what was shipped. A
+  name the worker already has is never overwritten.
 
-Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed arrays
-(:func:`pack_numbers`). Functions are pickled by reference when that works in any process (an
-importable module-level function) and by value with cloudpickle otherwise (lambdas, closures,
-functions defined in ``__main__`` or a notebook cell), so they run under every start method.
+So an initializer's ``global G`` is seen by later tasks under every start method, and the
+workers need not re-run the main script. Classes and functions of ``__main__`` inside task
+arguments follow the same rule. A backend sends each distinct function to each worker once
+(see :mod:`pyparallel._pool.local.engine`), never once per task.
+
+Which ``__main__`` objects a worker already has is the ``inherited`` mapping (name -> object)
+given to :func:`dumps_func` and :func:`dumps`: under fork the functions and classes of
+``__main__`` at the time the workers were forked (:func:`main_snapshot`), elsewhere empty. An
+object that is still the same as its inherited one goes by reference, as multiprocessing
+sends it.
+
+Results are not pickled here: they travel as plain pickles, like multiprocessing's.
 """
 from __future__ import annotations
 
+import dis
+import io
 import pickle
-import struct
+import sys
 import types
+import warnings
 import weakref
 
-from . import _core
+from . import _tunables
+
+__all__ = ["dumps_func", "dumps", "loads", "main_snapshot", "names_snapshot"]
+
+_MAIN_NAMES = ("__main__", "__mp_main__")
 
 
-_HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
-#: flag: the out-of-band buffers are in a shared segment, not in the message
-SPILLED = 1
-_SPILL = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
-#: buffers at least this big travel out of band (straight from their memory into the ring)
-OOB_MIN = 32 * 1024
-#: a task whose out-of-band buffers add up to this much has them copied into a shared segment
-#: that the worker maps and unpickles from: one copy in all, not one into the ring and one out
-SPILL_MIN = 1 << 20
-#: where data starts in a spill segment. Its first 32-bit word says who may touch it:
-SPILL_DATA = 64
-SPILL_FREE, SPILL_BUSY, SPILL_EVICTED = 0, 1, 2  # parent may write / a task has it / unused
+def main_snapshot() -> dict:
+    """The functions and classes of ``__main__`` now: what a worker forked now inherits."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return {}
+    return {k: v for k, v in list(vars(main).items()) if isinstance(v, (types.FunctionType, type))}
 
 
-#: lists of plain numbers at least this long travel packed (see pack_numbers)
-PACK_MIN = 64
+def names_snapshot() -> frozenset:
+    """The names ``__main__`` has now: a worker forked now has them all."""
+    main = sys.modules.get("__main__")
+    return frozenset(vars(main)) if main is not None else frozenset()
 
 
-class _Numbers:
-    """Stands in for a list of plain numbers in a pickle: it pickles as a packed int64 or
-    float64 array (out of band when large) and unpickles as the equal list (codec.c)."""
+# ---- which globals a function reads ----------------------------------------------------
 
-    __slots__ = ("code", "data")
-
-    def __init__(self, code, data):
-        self.code = code
-        self.data = data
-
-    def __reduce__(self):
-        return _core.unpack_numbers, (self.code, pickle.PickleBuffer(self.data))
+_GLOBAL_OPS = frozenset(("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME"))
+_code_names_cache: "weakref.WeakKeyDictionary[types.CodeType, tuple]" = weakref.WeakKeyDictionary()
 
 
-def pack_numbers(seq):
-    """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
-    exact floats, a stand-in that pickles it several times faster. It unpickles as a list:
-    use it only where a list is what the receiver needs."""
-    if len(seq) >= PACK_MIN:
-        packed = _core.pack_numbers(seq)
-        if packed is not None:
-            return _Numbers(*packed)
-    return seq
-
-
-_by_value_cache = weakref.WeakKeyDictionary()  # function -> (captured objects, names, pickle)
-
-
-def _captured(func, names):
-    """What a by-value pickle of a plain function depends on: its code, defaults, closure
-    cells' contents and the globals it names. The cache compares them by identity (an object
-    mutated in place keeps its identity: such a change is not seen, as under fork)."""
-    g = func.__globals__
-    out = [func.__code__, func.__defaults__, func.__kwdefaults__]
-    for c in func.__closure__ or ():
-        try:
-            out.append(c.cell_contents)
-        except ValueError:  # an empty cell
-            out.append(_cell_full)
-    for n in names:
-        out.append(g.get(n, _cell_full))
+def code_globals(code: types.CodeType) -> tuple:
+    """The global names that ``code`` (and the code nested in it) reads or writes."""
+    try:
+        return _code_names_cache[code]
+    except (KeyError, TypeError):
+        pass
+    names = {}
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        for ins in dis.get_instructions(c):
+            if ins.opname in _GLOBAL_OPS:
+                names[ins.argval] = None
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    out = tuple(names)
+    try:
+        _code_names_cache[code] = out
+    except TypeError:
+        pass
     return out
 
 
-def _cell_full():  # a marker: never a real global or cell value
-    pass
-
-
-def _code_globals(code):
-    from cloudpickle.cloudpickle import _extract_code_globals
-
-    return tuple(_extract_code_globals(code))
-
-
-def dumps_func(func) -> bytes:
-    """Pickle a callable so that any worker (fork, forkserver, spawn) can load it."""
-    module = getattr(func, "__module__", None)
-    plain = isinstance(func, types.FunctionType)
-    if module != "__main__" and not (plain and "<" in func.__qualname__):
-        try:
-            return pickle.dumps(func, 5)
-        except Exception:
-            pass
-    if not plain:
-        return _cloudpickle().dumps(func, 5)
-    # By value: cloudpickle costs tens of microseconds, so reuse the pickle while nothing
-    # it captured has changed (an apply_async loop on a notebook function).
-    hit = _by_value_cache.get(func)
-    if hit is not None and hit[0][0] is func.__code__:
-        now = _captured(func, hit[1])
-        if len(now) == len(hit[0]) and all(a is b for a, b in zip(now, hit[0])):
-            return hit[2]
-    data = _cloudpickle().dumps(func, 5)
-    try:
-        names = _code_globals(func.__code__)
-        _by_value_cache[func] = (_captured(func, names), names, data)
-    except Exception:
-        pass
-    return data
+# ---- the pickler -------------------------------------------------------------------------
 
 
 def _cloudpickle():
-    # imported when first needed: workers load by-value pickles without it imported here
+    # imported when first needed: the local engine under fork rarely needs it
     import cloudpickle
 
     return cloudpickle
 
 
-def dumps_by_value(obj) -> bytes:
-    """cloudpickle: for one-off objects such as (initializer, initargs)."""
-    return _cloudpickle().dumps(obj, 5)
-
-
-def encode(tid: int, obj) -> tuple:
-    """The parts of a message carrying ``obj``; raises what pickling raises."""
-    bufs = []
-
-    def oob(pb):
-        raw = pb.raw()
-        if raw.nbytes < OOB_MIN:
-            return True  # small: in band
-        bufs.append(raw)
-        return False
-
-    try:
-        data = pickle.dumps(obj, 5, buffer_callback=oob)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        # e.g. a lambda among the arguments: by value; a truly unpicklable object raises again
-        bufs.clear()
-        data = _cloudpickle().dumps(obj, 5, buffer_callback=oob)
-    head = _HEAD.pack(tid, len(bufs), len(data), 0)
-    if bufs:
-        head += struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
-    return (head, data, *bufs)
-
-
-def parts_size(parts) -> int:
-    """Bytes of the message stream for ``parts`` (with the channel's 8-byte length). The
-    parts are bytes and 1-D byte memoryviews (PickleBuffer.raw()), whose len() is their size."""
-    return 8 + sum(map(len, parts))
-
-
-def _aligned(n):
-    return (n + 63) & ~63
-
-
-def spill_size(parts) -> int:
-    """The segment size :func:`spill` needs for ``parts``, or 0 when it is not worth it."""
-    sizes = [len(p) for p in parts[2:]]  # byte views: see parts_size
-    if sum(sizes) < SPILL_MIN:
-        return 0
-    return SPILL_DATA + sum(_aligned(n) for n in sizes)
-
-
-def spill(parts, seg) -> tuple:
-    """The parts of the same message with its out-of-band buffers copied into ``seg`` (a
-    Segment of at least spill_size(parts) bytes): a header and the pickle."""
-    head = parts[0]
-    tid, nbuf, plen, flags = _HEAD.unpack_from(head, 0)
-    lens = struct.unpack_from(f"<{nbuf}Q", head, _HEAD.size)
-    offsets = []
-    off = SPILL_DATA
-    for buf, n in zip(parts[2:], lens):
-        seg.write(off, buf)
-        offsets.append(off)
-        off += _aligned(n)
-    head = (_HEAD.pack(tid, nbuf, plen, flags | SPILLED) + head[_HEAD.size:]
-            + _SPILL.pack(seg.fd, seg.ino, seg.size) + struct.pack(f"<{nbuf}Q", *offsets))
-    return (head, parts[1])
-
-
-def peek_tid(msg) -> int:
-    return _HEAD.unpack_from(msg, 0)[0]
-
-
-class SpillCache:
-    """A worker's mappings of its parent's spill segments, kept from task to task: mapping a
-    segment afresh would fault in every page of it again. The parent marks a segment it no
-    longer uses SPILL_EVICTED; the cache then lets go of it."""
-
-    MAX = 16
-
-    def __init__(self):
-        self.maps = {}  # inode -> Segment
-
-    def attach(self, pid, fd, ino, size):
-        for old_ino, old in list(self.maps.items()):
-            if old.load32(0) == SPILL_EVICTED:
-                self._drop(old_ino)
-        seg = self.maps.pop(ino, None)
-        if seg is not None and seg.size < size:
-            seg.close()
-            seg = None
-        if seg is None:
-            seg = _core.Segment.attach(pid, fd, ino, size)
-            while len(self.maps) >= self.MAX:
-                self._drop(next(iter(self.maps)))
-        self.maps[ino] = seg  # the most recently used last
-        return seg
-
-    def release(self, seg):
-        """After a task: True when no view of seg is left (the parent may reuse it); False
-        when the task kept one, and then this cache forgets it (the views keep it mapped)."""
-        if seg.release(0):
-            return True
-        if self.maps.get(seg.ino) is seg:
-            del self.maps[seg.ino]
-        return False
-
-    def _drop(self, ino):
-        seg = self.maps.pop(ino)
+def _worker_namespace(module: str) -> dict:
+    """The namespace a by-value function of ``module`` runs in, in this (worker) process."""
+    mod = sys.modules.get(module)
+    if mod is None and module not in _MAIN_NAMES:
         try:
-            seg.close()
-        except BufferError:  # still viewed: unmapped when the last view goes
+            import importlib
+
+            mod = importlib.import_module(module)
+        except Exception:
+            mod = None
+    if mod is None:
+        mod = sys.modules.get("__main__") if module in _MAIN_NAMES else None
+    if mod is None:  # a module this process cannot import: one stand-in for it
+        mod = _standins.get(module)
+        if mod is None:
+            mod = _standins[module] = types.ModuleType(module)
+    return vars(mod)
+
+
+_standins: dict = {}
+
+
+def _make_function(module, name, code, ncells):
+    cells = tuple(types.CellType() for _ in range(ncells)) if ncells else None
+    return types.FunctionType(code, _worker_namespace(module), name, None, cells)
+
+
+def _fill_function(func, state):
+    qualname, module, defaults, kwdefaults, cells, fdict, shipped, doc = state
+    ns = func.__globals__
+    for k, v in shipped.items():
+        if k not in ns:  # never overwrite what the worker has
+            ns[k] = v
+    func.__qualname__ = qualname
+    func.__module__ = module
+    func.__defaults__ = defaults
+    func.__kwdefaults__ = kwdefaults
+    func.__doc__ = doc
+    if fdict:
+        func.__dict__.update(fdict)
+    if func.__closure__:
+        for cell, value in zip(func.__closure__, cells):
+            if value is not _EMPTY:
+                cell.cell_contents = value
+
+
+class _Empty:
+    def __reduce__(self):
+        return "_EMPTY"
+
+
+_EMPTY = _Empty()  # an empty closure cell
+
+
+def _register_class(cls, state, module, qualname, setstate):
+    setstate(cls, state)
+    if "." not in qualname:
+        ns = _worker_namespace(module)
+        ns.setdefault(qualname, cls)  # so that results of this class pickle back by name
+    return cls
+
+
+def _by_value_modules(obj) -> bool:
+    module = getattr(obj, "__module__", None)
+    if module in _MAIN_NAMES:
+        return True
+    return "<" in getattr(obj, "__qualname__", "<")
+
+
+class _Pickler:
+    """Made on first use: a cloudpickle Pickler whose functions and classes of ``__main__``
+    (and lambdas, closures) resolve their globals in the worker's namespace."""
+
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            cls.cls = _make_pickler_class()
+        return cls.cls
+
+
+def _make_pickler_class():
+    cp = _cloudpickle()
+    base = cp.Pickler
+    class_reduce = getattr(cp.cloudpickle, "_dynamic_class_reduce", None)
+
+    class Pickler(base):
+        def __init__(self, file, inherited, skip_names, protocol=5, buffer_callback=None):
+            super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
+            self.inherited = inherited
+            self.skip_names = skip_names
+
+        def reducer_override(self, obj):
+            t = type(obj)
+            if t is types.FunctionType:
+                module = obj.__module__
+                if module in _MAIN_NAMES and self.inherited.get(obj.__name__) is obj \
+                        and obj.__qualname__ == obj.__name__:
+                    return obj.__qualname__  # the worker has this very function: by name
+                if _by_value_modules(obj):
+                    return self._func_reduce(obj)
+                return super().reducer_override(obj)
+            if isinstance(obj, type) and getattr(obj, "__module__", None) in _MAIN_NAMES:
+                name = obj.__qualname__
+                if self.inherited.get(name) is obj:
+                    return name
+                rv = super().reducer_override(obj)
+                if class_reduce is not None and type(rv) is tuple and len(rv) == 6 \
+                        and rv[5] is not None:
+                    make, args, state, li, di, setstate = rv
+                    return (make, args, (state, obj.__module__, name, setstate), li, di,
+                            _register_class_state)
+                return rv
+            return super().reducer_override(obj)
+
+        def _func_reduce(self, func):
+            module = func.__module__
+            g = func.__globals__
+            skip = self.skip_names if module in _MAIN_NAMES else ()
+            shipped = {}
+            for n in code_globals(func.__code__):
+                if n in g and n not in skip:
+                    shipped[n] = g[n]
+            cells = []
+            for c in func.__closure__ or ():
+                try:
+                    cells.append(c.cell_contents)
+                except ValueError:
+                    cells.append(_EMPTY)
+            state = (func.__qualname__, module, func.__defaults__, func.__kwdefaults__,
+                     tuple(cells), dict(func.__dict__) or None, shipped, func.__doc__)
+            args = (module, func.__name__, func.__code__, len(cells))
+            return (_make_function, args, state, None, None, _fill_function)
+
+    return Pickler
+
+
+def _register_class_state(cls, packed):
+    state, module, qualname, setstate = packed
+    return _register_class(cls, state, module, qualname, setstate)
+
+
+def dumps(obj, inherited=None, skip_names=(), buffer_callback=None) -> bytes:
+    """Pickle ``obj`` (protocol 5) so that a worker that has ``inherited`` (see the module
+    docstring) can load it: functions and classes of ``__main__`` by value unless inherited,
+    lambdas and closures by value; ``skip_names``: globals of ``__main__`` not to ship (the
+    worker has them)."""
+    f = io.BytesIO()
+    _Pickler.get()(f, inherited or {}, skip_names, 5, buffer_callback).dump(obj)
+    return f.getvalue()
+
+
+loads = pickle.loads
+
+
+# ---- functions ---------------------------------------------------------------------------
+
+_warned = weakref.WeakSet()
+
+
+def _captured(func, names):
+    """What a by-value pickle of a plain function depends on, compared by identity (an
+    object mutated in place keeps its identity: such a change is not seen, as under fork)."""
+    g = func.__globals__
+    out = [func.__code__, func.__defaults__, func.__kwdefaults__]
+    for c in func.__closure__ or ():
+        try:
+            out.append(c.cell_contents)
+        except ValueError:
+            out.append(_EMPTY)
+    for n in names:
+        out.append(g.get(n, _EMPTY))
+    return out
+
+
+class FunctionPickles:
+    """One backend's function pickles, cached per function object while nothing the pickle
+    captured has changed (a loop of apply_async on a notebook function pickles it once)."""
+
+    def __init__(self, inherited=None, skip_names=()):
+        self.inherited = inherited or {}
+        self.skip_names = skip_names
+        self._cache = weakref.WeakKeyDictionary()  # function -> (captured, names, pickle)
+
+    def dumps(self, func) -> bytes:
+        return dumps_func(func, self.inherited, self.skip_names, self._cache)
+
+
+def dumps_func(func, inherited=None, skip_names=(), cache=None) -> bytes:
+    """Pickle a callable for a worker that has ``inherited`` (see :func:`dumps`)."""
+    plain = type(func) is types.FunctionType
+    if plain and not _by_value_modules(func):
+        try:
+            return pickle.dumps(func, 5)  # importable: by reference
+        except Exception:
             pass
-
-    def close(self):
-        while self.maps:
-            self._drop(next(iter(self.maps)))
-
-
-def _decode(msg, pid, cache=None):
-    tid, nbuf, plen, flags = _HEAD.unpack_from(msg, 0)
-    mv = memoryview(msg)
-    pos = _HEAD.size
-    lens = struct.unpack_from(f"<{nbuf}Q", msg, pos) if nbuf else ()
-    pos += 8 * nbuf
-    seg = None
-    if flags & SPILLED:
-        fd, ino, size = _SPILL.unpack_from(msg, pos)
-        pos += _SPILL.size
-        offsets = struct.unpack_from(f"<{nbuf}Q", msg, pos)
-        pos += 8 * nbuf
-    data = mv[pos : pos + plen]
-    if flags & SPILLED:
-        seg = cache.attach(pid, fd, ino, size)
-        view = memoryview(seg)
-        buffers = [view[o : o + n] for o, n in zip(offsets, lens)]
-        del view
-    else:
-        pos += plen
-        buffers = []
-        for n in lens:
-            buffers.append(mv[pos : pos + n])
-            pos += n
-    try:
-        return tid, pickle.loads(data, buffers=buffers), seg
-    except BaseException:
-        del buffers
-        if seg is not None:
-            cache.release(seg)
-        raise
-
-
-def decode(msg):
-    """(tid, obj) from a received message (a bytearray; buffers are views into it)."""
-    tid, obj, _ = _decode(msg, None)
-    return tid, obj
-
-
-def decode_task(msg, pid, cache):
-    """(obj, segment) from a task message sent by process ``pid``. With a spill segment
-    (mapped through ``cache``, a SpillCache) the buffers are views of it: once they are
-    gone, ``cache.release(segment)`` hands it back."""
-    _, obj, seg = _decode(msg, pid, cache)
-    return obj, seg
+    elif plain and (inherited or {}).get(func.__name__) is func \
+            and func.__qualname__ == func.__name__:
+        return pickle.dumps(func, 5)  # the worker inherited this very function
+    if not plain:
+        try:
+            data = pickle.dumps(func, 5)
+        except Exception:
+            return dumps(func, inherited, skip_names)
+        if b"__main__" not in data:
+            return data
+        return dumps(func, inherited, skip_names)
+    if cache is not None:
+        hit = cache.get(func)
+        if hit is not None and hit[0][0] is func.__code__:
+            now = _captured(func, hit[1])
+            if len(now) == len(hit[0]) and all(a is b for a, b in zip(now, hit[0])):
+                return hit[2]
+    data = dumps(func, inherited, skip_names)
+    if len(data) > _tunables.BIG_FUNCTION_BYTES and func not in _warned:
+        _warned.add(func)
+        warnings.warn(
+            f"pyparallel: {func.__qualname__} travels by value with {len(data) >> 20} MB of "
+            "the globals it reads (sent once to each worker). Pass big objects as arguments, "
+            "or keep them in pyparallel.Array, to avoid the copy.", ResourceWarning, stacklevel=4)
+    if cache is not None:
+        try:
+            names = code_globals(func.__code__)
+            cache[func] = (_captured(func, names), names, data)
+        except TypeError:
+            pass
+    return data

@@ -57,7 +57,8 @@ pp_exec(PyObject *module)
         return -1;
     }
     if (pp_shm_exec(module, st) < 0 || pp_sync_exec(module, st) < 0 ||
-        pp_channel_exec(module, st) < 0 || PyModule_AddFunctions(module, pp_codec_methods) < 0) {
+        pp_channel_exec(module, st) < 0 || PyModule_AddFunctions(module, pp_codec_methods) < 0 ||
+        PyModule_AddFunctions(module, pp_forkutil_methods) < 0) {
         return -1;
     }
     return 0;

@@ -82,4 +82,7 @@ int pp_channel_exec(PyObject *module, pp_state *st);
 /* ---- codec.c: lists of plain numbers packed into arrays, for the pool's messages ---- */
 extern PyMethodDef pp_codec_methods[];
 
+/* ---- forkutil.c: fork() for the pool's workers ---- */
+extern PyMethodDef pp_forkutil_methods[];
+
 #endif /* PP_H */

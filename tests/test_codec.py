@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyparallel import Pool, _core, _serialize
+from pyparallel import Pool, _core
+from pyparallel._pool.local import wire as _serialize
 
 
 class Color(enum.IntEnum):

@@ -1,5 +1,6 @@
 """The capabilities together: shared objects as pyparallel.Pool task arguments (by handle,
 every start method), kernels through the Pool, and forking after kernels."""
+import multiprocessing
 import pytest
 
 import pyparallel as pp
@@ -65,9 +66,9 @@ def test_fork_pool_after_bulk_kernel():
         assert res.get(timeout=60) == [[kernels.fib(20), kernels.fib(21), kernels.fib(22)]] * 4
 
 
-def test_kernel_team_does_not_make_fork_unsafe():
-    # The team's threads are fork-safe (tests/test_fork.py), so they do not push the Pool's
-    # default away from fork; any other thread does. Run in a clean interpreter (no numpy).
+def test_default_start_method_ignores_threads():
+    # The default is multiprocessing's own, whatever threads run: the kernels' team, another
+    # Python thread. Run in a clean interpreter (no numpy).
     import subprocess
     import sys
 
@@ -85,4 +86,5 @@ def test_kernel_team_does_not_make_fork_unsafe():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["fork", "fork", "forkserver"]
+    expected = multiprocessing.get_context().get_start_method()
+    assert out.stdout.split() == [expected] * 3

@@ -17,10 +17,10 @@ import os
 import select
 import signal
 
-__all__ = ["available", "ForkedProcess", "UNKNOWN_EXIT"]
+from ... import _core
+from ..errors import UNKNOWN_EXIT
 
-#: exitcode of a child whose exit status someone else collected (no real code is 256)
-UNKNOWN_EXIT = 256
+__all__ = ["available", "ForkedProcess", "UNKNOWN_EXIT"]
 
 
 def available() -> bool:
@@ -50,14 +50,17 @@ class ForkedProcess:
     """A forked child running ``proc``'s target (``proc``: an unstarted fork-context Process,
     which gives the child its name and identity)."""
 
-    __slots__ = ("pid", "sentinel", "_code")
+    __slots__ = ("pid", "sentinel", "_code", "name", "daemon")
 
     def __init__(self, proc):
         parent = os.getpid()
-        pid = os.fork()
+        # _core.fork: os.fork() without Python 3.12's warning about the pool's own threads
+        pid = _core.fork()
         if pid == 0:
             _child(proc, parent)
         self.pid = pid
+        self.name = proc.name
+        self.daemon = True
         self._code = None
         try:
             self.sentinel = os.pidfd_open(pid)
@@ -77,6 +80,20 @@ class ForkedProcess:
                 if pid:
                     self._code = os.waitstatus_to_exitcode(status)
         return self._code
+
+    def is_alive(self):
+        return self.exitcode is None
+
+    def terminate(self):
+        if self.exitcode is None:
+            try:
+                signal.pidfd_send_signal(self.sentinel, signal.SIGTERM)
+            except (OSError, AttributeError):
+                os.kill(self.pid, signal.SIGTERM)
+
+    def __repr__(self):
+        state = "alive" if self._code is None else f"exitcode={self._code}"
+        return f"<ForkedProcess name={self.name!r} pid={self.pid} {state}>"
 
     def kill(self):
         if self.exitcode is None:

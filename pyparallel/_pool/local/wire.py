@@ -1,0 +1,159 @@
+"""The message format of the local engine's rings.
+
+A message is a tuple of parts written back to back into a ring (no concatenation copy)::
+
+    header  <QIII + nbuf*Q>: tid, number of out-of-band buffers, pickle length, flags,
+            buffer lengths; with SPILLED also <iQQ> (the segment) + nbuf*Q (offsets in it)
+    pickle  the protocol-5 pickle of the payload
+    buffers raw views of large buffers (numpy arrays, bytes, ...), not copied until the ring;
+            absent when SPILLED: :mod:`.spill` copied them into a shared segment instead
+
+Messages, parent to worker:
+
+- a **task**: payload ``(fid, args, kind)``; ``fid`` names a function the worker was sent;
+- a **definition** (flag DEFINE, tid = fid): the "pickle" part is the function's own pickle,
+  which the worker keeps and loads when a task first needs it (a load that raises fails that
+  task, not the worker);
+- an empty message: leave.
+
+Worker to parent: a **result**, payload ``(success, value)`` for the task ``tid``, pickled
+with plain pickle as multiprocessing does; ``tid`` READY_TID says the worker started (its
+initializer ran), INIT_FAILED_TID reports an initializer that raised.
+
+Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed
+arrays (:func:`pack_numbers`, codec.c).
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+
+from ... import _core, _tunables
+
+HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
+#: flag: the out-of-band buffers are in a shared segment, not in the message
+SPILLED = 1
+#: flag: a function definition, not a task
+DEFINE = 2
+SPILL_HEAD = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
+
+#: tid of the message a worker sends when its initializer failed
+INIT_FAILED_TID = (1 << 64) - 1
+#: tid of the message a worker sends once it started (its initializer ran)
+READY_TID = (1 << 64) - 2
+
+#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap
+APPLY, MAP, STARMAP = 0, 1, 2
+
+
+class _Numbers:
+    """Stands in for a list of plain numbers in a pickle: it pickles as a packed int64 or
+    float64 array (out of band when large) and unpickles as the equal list (codec.c)."""
+
+    __slots__ = ("code", "data")
+
+    def __init__(self, code, data):
+        self.code = code
+        self.data = data
+
+    def __reduce__(self):
+        return _core.unpack_numbers, (self.code, pickle.PickleBuffer(self.data))
+
+
+def pack_numbers(seq):
+    """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
+    exact floats, a stand-in that pickles it several times faster. It unpickles as a list:
+    use it only where a list is what the receiver needs."""
+    if len(seq) >= _tunables.PACK_MIN:
+        packed = _core.pack_numbers(seq)
+        if packed is not None:
+            return _Numbers(*packed)
+    return seq
+
+
+def _header(tid, bufs, plen, flags):
+    head = HEAD.pack(tid, len(bufs), plen, flags)
+    if bufs:
+        head += struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
+    return head
+
+
+def encode(tid: int, obj, dumps=None) -> tuple:
+    """The parts of a message carrying ``obj``; raises what pickling raises. ``dumps``:
+    pickle with this function (taking ``buffer_callback=``) instead of plain pickle."""
+    bufs = []
+    oob_min = _tunables.OOB_MIN
+
+    def oob(pb):
+        raw = pb.raw()
+        if raw.nbytes < oob_min:
+            return True  # small: in band
+        bufs.append(raw)
+        return False
+
+    if dumps is None:
+        data = pickle.dumps(obj, 5, buffer_callback=oob)
+    else:
+        data = dumps(obj, buffer_callback=oob)
+    return (_header(tid, bufs, len(data), 0), data, *bufs)
+
+
+def encode_define(fid: int, func_pickle: bytes) -> tuple:
+    return (HEAD.pack(fid, 0, len(func_pickle), DEFINE), func_pickle)
+
+
+def parts_size(parts) -> int:
+    """Bytes of the message stream for ``parts`` (with the channel's 8-byte length). The
+    parts are bytes and 1-D byte memoryviews (PickleBuffer.raw()), whose len() is their size."""
+    return 8 + sum(map(len, parts))
+
+
+def peek(msg) -> tuple:
+    """(tid, flags) of a received message."""
+    tid, _, _, flags = HEAD.unpack_from(msg, 0)
+    return tid, flags
+
+
+def peek_tid(msg) -> int:
+    return HEAD.unpack_from(msg, 0)[0]
+
+
+def define_payload(msg) -> bytes:
+    """The function pickle of a DEFINE message."""
+    _, _, plen, _ = HEAD.unpack_from(msg, 0)
+    return bytes(memoryview(msg)[HEAD.size:HEAD.size + plen])
+
+
+def decode(msg, pid=None, cache=None):
+    """(tid, obj, segment) from a received message (a bytearray; buffers are views into it,
+    or into the spill segment, mapped through ``cache``, that process ``pid`` sent)."""
+    tid, nbuf, plen, flags = HEAD.unpack_from(msg, 0)
+    mv = memoryview(msg)
+    pos = HEAD.size
+    lens = struct.unpack_from(f"<{nbuf}Q", msg, pos) if nbuf else ()
+    pos += 8 * nbuf
+    seg = None
+    if flags & SPILLED:
+        fd, ino, size = SPILL_HEAD.unpack_from(msg, pos)
+        pos += SPILL_HEAD.size
+        offsets = struct.unpack_from(f"<{nbuf}Q", msg, pos)
+        pos += 8 * nbuf
+    data = mv[pos : pos + plen]
+    if flags & SPILLED:
+        seg = cache.attach(pid, fd, ino, size)
+        view = memoryview(seg)
+        buffers = [view[o : o + n] for o, n in zip(offsets, lens)]
+        del view
+    else:
+        pos += plen
+        buffers = []
+        for n in lens:
+            buffers.append(mv[pos : pos + n])
+            pos += n
+    try:
+        return tid, pickle.loads(data, buffers=buffers), seg
+    except BaseException:
+        del buffers
+        if seg is not None:
+            cache.release(seg)
+        raise

@@ -1,0 +1,134 @@
+"""The worker's main loop: take a message from this worker's ring (GIL released while
+waiting), run the task, put the result in the result ring. One task message is one chunk.
+
+Everything a task does wrong is reported as that task's failure while the worker can still
+send: an exception (BaseException included: ``sys.exit()`` in a task fails the task, it does
+not end the worker), a function or arguments that cannot be unpickled here, a result that
+cannot be pickled (``MaybeEncodingError``, as in multiprocessing).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import reprlib
+import signal
+
+from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
+
+from ... import _core
+from . import spill, wire
+
+__all__ = ["main"]
+
+
+def _run(func, args, kind):
+    if kind == wire.MAP:
+        return list(map(func, args))
+    if kind == wire.STARMAP:
+        return list(itertools.starmap(func, args))
+    a, kw = args
+    return func(*a, **kw)
+
+
+def _failure(e):
+    return (False, ExceptionWithTraceback(e, e.__traceback__))
+
+
+def _encode_result(tid, result):
+    """The result message; a result that cannot be pickled fails with MaybeEncodingError."""
+    try:
+        return wire.encode(tid, result)
+    except BaseException as e:  # noqa: BLE001 - a __reduce__ may raise anything
+        err = e
+    try:
+        wrapped = MaybeEncodingError(err, result[1])
+        return wire.encode(tid, (False, wrapped))
+    except BaseException:  # noqa: BLE001 - the value's repr itself fails (too deep, say)
+        wrapped = MaybeEncodingError(err, reprlib.repr(result[1]))
+        return wire.encode(tid, (False, wrapped))
+
+
+class _Functions:
+    """The functions this worker was sent: kept as pickles, loaded when first used."""
+
+    def __init__(self):
+        self.pickles = {}
+        self.loaded = {}
+
+    def define(self, fid, data):
+        self.pickles[fid] = data
+        self.loaded.pop(fid, None)
+
+    def get(self, fid):
+        func = self.loaded.get(fid)
+        if func is None:
+            func = pickle.loads(self.pickles[fid])  # raises into the task that needs it
+            self.loaded[fid] = func
+        return func
+
+
+def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
+    # Ctrl-C is the parent's business: it cancels calls and replaces workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    _core.set_default_threads(threads)
+    ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
+    if init is not None:
+        try:
+            initializer, initargs = pickle.loads(init)
+            initializer(*initargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the parent, which gives up
+            try:
+                ch.send(slot, wire.encode(wire.INIT_FAILED_TID, _failure(e)[1]))
+            except BaseException:  # noqa: BLE001
+                ch.send(slot, wire.encode(wire.INIT_FAILED_TID, RuntimeError(repr(e))))
+            os._exit(1)
+    ch.send(slot, wire.encode(wire.READY_TID, None))
+    funcs = _Functions()
+    spills = spill.SpillCache()
+    done = 0
+    while maxtasks is None or done < maxtasks:
+        try:
+            msg = ch.recv(slot)
+        except BrokenPipeError:  # the parent is gone: nothing to report to
+            break
+        if not msg:  # an empty message asks the worker to leave
+            break
+        tid, flags = wire.peek(msg)
+        if flags & wire.DEFINE:
+            funcs.define(tid, wire.define_payload(msg))
+            continue
+        seg = None
+        try:
+            (fid, args, kind), seg = wire.decode(msg, parent_pid, spills)[1:]
+            del msg
+            value = _run(funcs.get(fid), args, kind)
+            if type(value) is list:  # a map's chunk of results, or a list from apply
+                value = wire.pack_numbers(value)
+            result = (True, value)
+            value = None
+        except BaseException as e:  # noqa: BLE001 - the task's failure, whatever it raised
+            result = _failure(e)
+            e = None
+        args = None
+        parts = _encode_result(tid, result)
+        result = None
+        # A spill segment the arguments came in goes back to the parent for reuse once no
+        # view of it is left: before the result is sent when possible, so that the parent
+        # finds it free. A task that keeps a view (in a global, say) keeps the segment, and
+        # the parent does not reuse it.
+        if seg is not None and spills.release(seg):
+            seg = None
+        try:
+            ch.send(slot, parts)
+        except BrokenPipeError:  # the parent died while we were running
+            break
+        parts = None
+        if seg is not None:
+            spills.release(seg)  # the result was a view of it
+            seg = None
+        done += 1
+    spills.close()
+    ch.close()

@@ -1,0 +1,53 @@
+"""Every tunable number of the Python layer, in one table (the C side's are in src/pp.h).
+
+Each was chosen by measurement on a 2-CPU virtual machine (see benchmarks/); change one only
+with a benchmark run beside it.
+"""
+from __future__ import annotations
+
+# ---- the local engine's scheduling ----
+#: chunks sent ahead to each worker (one running, the rest queued in its ring) ...
+WINDOW = 2
+#: ... unless tasks take longer than this on average (seconds): then one each, for balance
+LONG_TASK = 0.010
+#: the rings of one worker slot (bytes): tasks parent -> worker, results worker -> parent
+TASK_RING_BYTES = 8 << 20
+RESULT_RING_BYTES = 2 << 20
+#: the collector looks at everything at least this often (seconds), whatever wakeups say
+SAFETY_WAIT = 1.0
+#: imap: results allowed to wait unread, per worker (times WINDOW), at least IMAP_AHEAD_MIN
+IMAP_AHEAD_PER_WORKER = 4
+IMAP_AHEAD_MIN = 16
+
+# ---- waiting ----
+#: a caller about to block on a result first polls the rings itself this long (microseconds)
+SPIN_US = 150.0
+#: ... unless tasks take longer than this on average (seconds)
+NO_SPIN_TASK = 0.001
+
+# ---- messages ----
+#: buffers at least this big travel out of band (straight from their memory into the ring)
+OOB_MIN = 32 * 1024
+#: a task whose out-of-band buffers add up to this much has them copied into a shared segment
+#: the worker maps and unpickles from: one copy in all, not one into the ring and one out
+SPILL_MIN = 1 << 20
+#: spill segments are sized in multiples of this
+SPILL_ROUND = 1 << 20
+#: free spill segments kept for reuse, at most (bytes)
+SPILL_KEEP_BYTES = 256 << 20
+#: a worker keeps this many spill segments mapped, at most
+SPILL_CACHE_MAX = 16
+#: lists of plain numbers at least this long travel packed (codec.c)
+PACK_MIN = 64
+
+# ---- functions ----
+#: a function whose by-value pickle (with the globals it must carry) is bigger than this
+#: warns once: the globals would be better passed as an argument or kept in pp.Array
+BIG_FUNCTION_BYTES = 10 << 20
+
+# ---- faults ----
+#: workers that die before running any task, one after another, before the pool gives up
+#: with InitializerError instead of starting more
+MAX_EARLY_DEATHS = 3
+#: seconds to wait for a killed worker to be reaped
+KILL_JOIN = 5.0

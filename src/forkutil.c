@@ -1,0 +1,40 @@
+/* forkutil.c: fork() for the pool's workers, without the interpreter's warning.
+ *
+ * From Python 3.12, os.fork() warns (DeprecationWarning) whenever the process has more than
+ * one OS thread. A pool forks replacement workers from its collector thread while the main
+ * thread runs, exactly as multiprocessing.Pool forks them from its worker-handler thread; the
+ * child only ever runs the forking thread, and the interpreter's own fork hooks
+ * (PyOS_BeforeFork / PyOS_AfterFork_*: the import lock, os.register_at_fork callbacks) run as
+ * they do for os.fork(). Only the warning, which is about threads the caller does not know,
+ * is left out: the pool knows its own threads. */
+#include "pp.h"
+
+#include <errno.h>
+#include <unistd.h>
+
+PyDoc_STRVAR(pp_fork_doc, "fork($module, /)\n--\n\n"
+                          "os.fork() without the multi-threaded-process DeprecationWarning: 0 in "
+                          "the child, the child's pid in the parent. For pyparallel's workers.");
+
+static PyObject *
+pp_fork(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    PyOS_BeforeFork();
+    pid_t pid = fork();
+    int saved = errno;
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        return PyLong_FromLong(0);
+    }
+    PyOS_AfterFork_Parent();
+    if (pid < 0) {
+        errno = saved;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong((long)pid);
+}
+
+PyMethodDef pp_forkutil_methods[] = {
+    {"fork", pp_fork, METH_NOARGS, pp_fork_doc},
+    {NULL, NULL, 0, NULL},
+};
