@@ -22,6 +22,7 @@ import pytest
 
 import pyparallel
 from _util import memfd_count
+from conftest import _children
 from pyparallel import Pool, ThreadPool
 from pyparallel.pool import (
     InitializerError,
@@ -72,7 +73,9 @@ def exit_hard(x):
 def segfault(x):
     if x == 1:
         import ctypes
+        import faulthandler
 
+        faulthandler.disable()  # a crash on purpose: no dump in the test output
         ctypes.string_at(0)
     return x
 
@@ -107,60 +110,7 @@ def echo(x):
     return x
 
 
-# ---- leak gate ----
-
-
-def _children():
-    me = str(os.getpid())
-    kids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[1] == me and fields[0] != "Z":
-                kids.append(int(d))
-    return kids
-
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    before = set(_children())
-    yield
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        gc.collect()
-        extra = set(_children()) - before
-        if not extra:
-            break
-        time.sleep(0.05)
-    # the forkserver process is shared by all forkserver pools and stays, as in multiprocessing
-    # (and so does the resource tracker it starts)
-    extra.discard(multiprocessing.forkserver._forkserver._forkserver_pid)
-    extra.discard(multiprocessing.resource_tracker._resource_tracker._pid)
-    assert not extra, f"leaked child processes: {extra}"
-    # The channel is a memfd: nothing may appear in /dev/shm (other programs on this machine
-    # may create files there, so only look for ours), and no channel may stay mapped or open.
-    if os.path.isdir("/dev/shm"):
-        assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "pyparallel" in n]
-    if not any(t.name == "pyparallel-collector" and t.is_alive() for t in threading.enumerate()):
-        assert _open_channels() == 0, "a channel memfd is still open"
-
-
-def _open_channels():
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += "pyparallel-channel" in os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            pass
-    return n
-
-
-# ---- core API under every start method ----
+pytestmark = pytest.mark.usefixtures("no_leaks")
 
 
 def test_map_and_friends(pool_context):
