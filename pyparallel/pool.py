@@ -171,8 +171,16 @@ class Pool:
 
     @property
     def _state(self):
+        forced = self.__dict__.get("_forced_state")
+        if forced is not None:
+            return forced
         b = self._backend
         return None if b is None else b.lifecycle.state
+
+    @_state.setter
+    def _state(self, value):
+        # multiprocessing's own tests force it (to see __del__ warn); the backend is unchanged
+        self.__dict__["_forced_state"] = State(value)
 
     @property
     def start_method(self):
@@ -209,7 +217,7 @@ class Pool:
 
     def __del__(self, _warn=warnings.warn, RUN=RUN):
         b = self._backend
-        if b is not None and b.lifecycle.state is RUN:
+        if b is not None and self._state is RUN:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
             b.terminate()
 
