@@ -1,7 +1,8 @@
 # pyparallel: the two set-up commands are `make demo` and `make test`; both build everything
 # into a local virtual environment (.venv) from nothing but python3 and a C compiler.
+# PYTHON selects the interpreter (make test PYTHON=python3.13); each gets its own venv.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'))
 VPY    := $(VENV)/bin/python
 EXTRAS ?= test,bench
 # The extension is always compiled -Wall -Wextra -Werror here (PYPARALLEL_STRICT).
