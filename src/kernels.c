@@ -7,6 +7,7 @@
 #include "pp.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #if PY_VERSION_HEX < 0x030C0000

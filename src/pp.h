@@ -5,6 +5,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h> /* offsetof: Python >= 3.12's headers no longer include it */
 #include <stdint.h>
 
 #ifndef PP_VERSION
