@@ -6,6 +6,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stddef.h> /* offsetof: Python >= 3.12's headers no longer include it */
+#include <stdatomic.h>
 #include <stdint.h>
 
 #ifndef PP_VERSION
@@ -22,7 +23,39 @@ typedef enum {
     PP_ERR_TIMEOUT,   /* a timed wait expired */
     PP_ERR_INTERRUPT, /* a wait was interrupted by a signal that Python must see */
     PP_ERR_CLOSED,    /* the other side has gone away */
+    PP_ERR_CANCELLED, /* a CancelToken asked a kernel to stop */
 } pp_status;
+
+/* ---- Tunables: every hard-coded time, size and threshold of the C core, in one table ----
+ * (the Python side has its own table; the channel's spin and lease times can be passed from
+ * Python per call, these are their defaults). */
+/* kernels.c, team.c */
+#define PP_TUNE_WATCH_SLICE_NS 10000000LL /* a caller waiting for a kernel runs signal handlers
+                                             and checks its CancelToken this often (10 ms) */
+#define PP_TUNE_THREADS_PER_CPU 4         /* threads= is capped at this many per usable CPU */
+#define PP_TUNE_MAX_THREADS_ABS 1024      /* ... and at this many in all */
+#define PP_TUNE_CONVERT_CHECK 16384       /* conversions with the GIL held check signals every
+                                             this many items */
+#define PP_TUNE_FIB_RELEASE 24            /* fib(n): below this n the GIL is kept (too short) */
+#define PP_TUNE_FIB_HELPER 32             /* fib(n): from this n (~10 ms) a scalar call computes
+                                             on a helper thread while the caller stays
+                                             interruptible; below, it ends within 100 ms anyway */
+#define PP_TUNE_FIB_CHECK 30              /* fib recursion checks the stop flag above this n */
+#define PP_TUNE_CUBE_RELEASE 20000        /* cube_loop(n): the same three for cube_loop */
+#define PP_TUNE_CUBE_HELPER (1LL << 23)
+#define PP_TUNE_CUBE_CHECK (1LL << 20)    /* iterations between checks of the stop flag */
+#define PP_TUNE_MUL_CHUNK 65536           /* square/weighted_multiply .map: items per chunk */
+#define PP_TUNE_MUL_RELEASE 65536         /* fewer products than this run with the GIL held */
+#define PP_TUNE_BUF_CHUNK 65536           /* weighted_multiply_buffer: items per chunk */
+#define PP_TUNE_BUF_RELEASE 32768         /* fewer items than this run with the GIL held */
+/* channel.c, shm.c */
+#define PP_TUNE_NOGIL_COPY 65536          /* copies at least this big release the GIL */
+#define PP_TUNE_WAIT_SLICE_MS 100         /* a blocked worker-side wait looks at signals */
+#define PP_TUNE_WORKER_SPIN_NS 50000      /* a worker polls this long before it sleeps (50 us) */
+#define PP_TUNE_SPIN_LEASE_NS 1000000     /* a collecting caller's lease (1 ms), see spin() */
+/* sync.c */
+#define PP_TUNE_LOCK_SLICE_NS 50000000LL  /* lock waits check signals and owner liveness (50 ms) */
+#define PP_TUNE_LOCK_SPINS 64             /* attempts before a lock wait sleeps */
 
 /* Sets the exception for `st` (using `err` as errno for PP_ERR_OS); returns NULL. */
 PyObject *pp_raise(pp_status st, int err);
@@ -30,7 +63,8 @@ PyObject *pp_raise(pp_status st, int err);
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
 #define PP_STATE_OBJECTS(X)                                                                        \
-    X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
+    X(KernelType) X(CancelTokenType) X(KernelCancelled) X(SegmentType) X(SharedViewType)              \
+        X(SemLockType) X(ChannelType)
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -52,10 +86,30 @@ pp_get_state(PyObject *module)
 /* Body of a parallel loop: handles indices [lo, hi). Must not touch Python objects. */
 typedef void (*pp_range_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi);
 
+/* What a caller waiting (GIL released) for a kernel watches: signals and a CancelToken. */
+typedef struct {
+    _Atomic int stop;         /* set to stop the run; the computing threads check it */
+    const _Atomic int *token; /* the flag of a CancelToken, or NULL */
+    PyThreadState *tstate;    /* the caller's, saved while the GIL is released */
+    pp_status why;            /* PP_OK, PP_ERR_INTERRUPT (exception set), PP_ERR_CANCELLED */
+} pp_watch;
+
+/* Called by the waiting caller with the GIL released, every PP_TUNE_WATCH_SLICE_NS: takes the
+ * GIL, runs signal handlers (KeyboardInterrupt), checks the token; 1 (and w->stop set) when
+ * the run must stop. */
+int pp_watch_poll(pp_watch *w);
+
 /* Runs body over [0, n) in chunks of `chunk` indices handed out dynamically to `threads`
- * threads (OpenMP when built with it, pthreads otherwise). Call it with the GIL released.
- * Never fails: if threads cannot be started, the loop runs on the calling thread. */
-void pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx);
+ * threads (OpenMP when built with it, pthreads otherwise). Call it with the GIL released and,
+ * when w is not NULL, w->tstate holding the saved thread state: the caller then polls w
+ * while it waits. Returns 1 when stopped early (results incomplete), else 0. Never fails: if
+ * threads cannot be started, the loop runs on the calling thread. */
+int pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx,
+                    pp_watch *w);
+
+/* Runs fn(arg, &w->stop) on a new thread while the caller (GIL released, w->tstate set) polls
+ * w; 1 when stopped early. Without a thread, runs it on the caller. */
+int pp_run_helper(void (*fn)(void *arg, const _Atomic int *stop), void *arg, pp_watch *w);
 
 /* _core.team_thread_ids(): OS thread ids of the team's threads (they are fork-safe). */
 PyObject *pp_team_thread_ids(PyObject *module, PyObject *ignored);
