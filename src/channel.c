@@ -768,11 +768,15 @@ Channel_wait_held(PyObject *self, PyObject *args)
         }
         timeout_ms = t <= 0 ? 0 : (t > 1e6 ? 1000000000 : (int)(t * 1000.0 + 0.5));
     }
-    py_seq = PySequence_Fast(fds, "fds must be a sequence of file descriptors");
+    /* A tuple (a copy of a list): fileno() is Python code that may change the caller's list. */
+    py_seq = PySequence_Tuple(fds);
     if (py_seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, "fds must be a sequence of file descriptors");
+        }
         return NULL;
     }
-    Py_ssize_t nfds = PySequence_Fast_GET_SIZE(py_seq);
+    Py_ssize_t nfds = PyTuple_GET_SIZE(py_seq);
     pfds = PyMem_Calloc((size_t)nfds + 1, sizeof(struct pollfd));
     if (pfds == NULL) {
         PyErr_NoMemory();
@@ -781,7 +785,7 @@ Channel_wait_held(PyObject *self, PyObject *args)
     pfds[0].fd = ch->rfd;
     pfds[0].events = POLLIN;
     for (Py_ssize_t i = 0; i < nfds; i++) {
-        int fd = PyObject_AsFileDescriptor(PySequence_Fast_GET_ITEM(py_seq, i));
+        int fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(py_seq, i)); /* borrowed */
         if (fd < 0) {
             goto error;
         }

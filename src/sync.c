@@ -229,7 +229,8 @@ SemLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "unrecognized kind");
         return NULL;
     }
-    if (create && (value < 0 || maxvalue <= 0 || value > maxvalue)) {
+    /* maxvalue 0 is BoundedSemaphore(0), which multiprocessing accepts (it never rises). */
+    if (create && (value < 0 || maxvalue < 0 || value > maxvalue)) {
         errno = EINVAL; /* what sem_open() says to multiprocessing for these */
         return PyErr_SetFromErrno(PyExc_OSError);
     }
