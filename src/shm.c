@@ -261,7 +261,6 @@ pp_segment_range(SegmentObject *self, Py_ssize_t offset, Py_ssize_t len)
     return 0;
 }
 
-#define PP_NOGIL_COPY 65536 /* copies at least this big release the GIL */
 
 PyDoc_STRVAR(Segment_write_doc, "write($self, offset, data, /)\n--\n\n"
                                 "Copies the bytes of buffer `data` into the segment at `offset` "
@@ -287,7 +286,7 @@ Segment_write(SegmentObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     char *dst = self->addr + offset;
-    if (src.len >= PP_NOGIL_COPY) {
+    if (src.len >= PP_TUNE_NOGIL_COPY) {
         /* Counted as an export meanwhile, so that another thread's close() cannot unmap it. */
         self->exports++;
         Py_BEGIN_ALLOW_THREADS
