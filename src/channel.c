@@ -658,8 +658,8 @@ pp_two_args(const char *fname, const char *second_name, PyObject *const *args, P
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
         if (PyUnicode_CompareWithASCIIString(py_name, second_name) != 0 || py_second != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument '%S'",
-                         fname, py_name);
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument '%S'", fname,
+                         py_name);
             return -1;
         }
         py_second = args[nargs + i];

@@ -507,8 +507,8 @@ pp_cube_compute(long long n, void *out, const _Atomic int *stop)
         if (atomic_load_explicit(stop, memory_order_relaxed)) {
             break;
         }
-        uint64_t end = (uint64_t)n - start > PP_TUNE_CUBE_CHECK ? start + PP_TUNE_CUBE_CHECK
-                                                                 : (uint64_t)n;
+        uint64_t end =
+            (uint64_t)n - start > PP_TUNE_CUBE_CHECK ? start + PP_TUNE_CUBE_CHECK : (uint64_t)n;
         for (uint64_t i = start; i < end; i++) {
             unsigned __int128 c = (unsigned __int128)i * i * i;
             lo += c;
@@ -996,8 +996,7 @@ pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwna
         }
         if (dst == NULL || *dst != NULL) {
             PyErr_Format(PyExc_TypeError, "_weighted_multiply_buffer() got %s argument '%S'",
-                         dst == NULL ? "an unexpected keyword" : "multiple values for",
-                         py_name);
+                         dst == NULL ? "an unexpected keyword" : "multiple values for", py_name);
             return NULL;
         }
         *dst = args[nargs + i];
@@ -1112,8 +1111,7 @@ Kernel_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
         PyObject *py_name = PyTuple_GET_ITEM(kwnames, 0); /* borrowed */
         if (PyTuple_GET_SIZE(kwnames) > 1 ||
             PyUnicode_CompareWithASCIIString(py_name, "cancel") != 0) {
-            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'",
-                         def->name,
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'", def->name,
                          PyTuple_GET_SIZE(kwnames) > 1 ? PyTuple_GET_ITEM(kwnames, 1) : py_name);
             return NULL;
         }

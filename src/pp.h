@@ -5,8 +5,8 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <stddef.h> /* offsetof: Python >= 3.12's headers no longer include it */
 #include <stdatomic.h>
+#include <stddef.h> /* offsetof: Python >= 3.12's headers no longer include it */
 #include <stdint.h>
 
 #ifndef PP_VERSION
@@ -30,41 +30,48 @@ typedef enum {
  * (the Python side has its own table; the channel's spin and lease times can be passed from
  * Python per call, these are their defaults). */
 /* kernels.c, team.c */
-#define PP_TUNE_WATCH_SLICE_NS 10000000LL /* a caller waiting for a kernel runs signal handlers
-                                             and checks its CancelToken this often (10 ms) */
-#define PP_TUNE_THREADS_PER_CPU 4         /* threads= is capped at this many per usable CPU */
-#define PP_TUNE_MAX_THREADS_ABS 1024      /* ... and at this many in all */
-#define PP_TUNE_CONVERT_CHECK 16384       /* conversions with the GIL held check signals every
-                                             this many items */
-#define PP_TUNE_FIB_RELEASE 24            /* fib(n): below this n the GIL is kept (too short) */
-#define PP_TUNE_FIB_HELPER 32             /* fib(n): from this n (~10 ms) a scalar call computes
-                                             on a helper thread while the caller stays
-                                             interruptible; below, it ends within 100 ms anyway */
-#define PP_TUNE_FIB_CHECK 30              /* fib recursion checks the stop flag above this n */
-#define PP_TUNE_CUBE_RELEASE 20000        /* cube_loop(n): the same three for cube_loop */
+/* A caller waiting for a kernel runs signal handlers and checks its CancelToken this often. */
+#define PP_TUNE_WATCH_SLICE_NS 10000000LL /* 10 ms */
+/* threads= is capped at this many per usable CPU, and at PP_TUNE_MAX_THREADS_ABS in all. */
+#define PP_TUNE_THREADS_PER_CPU 4
+#define PP_TUNE_MAX_THREADS_ABS 1024
+/* Conversions with the GIL held check signals (and the token) every this many items. */
+#define PP_TUNE_CONVERT_CHECK 16384
+/* fib(n): below _RELEASE the GIL is kept (too short to release it for); from _HELPER (about
+ * 10 ms) a scalar call computes on a helper thread while the caller stays interruptible
+ * (below, it ends within 100 ms anyway); the recursion checks the stop flag above _CHECK. */
+#define PP_TUNE_FIB_RELEASE 24
+#define PP_TUNE_FIB_HELPER 32
+#define PP_TUNE_FIB_CHECK 30
+/* cube_loop(n): the same, and the iterations between two checks of the stop flag. */
+#define PP_TUNE_CUBE_RELEASE 20000
 #define PP_TUNE_CUBE_HELPER (1LL << 23)
-#define PP_TUNE_CUBE_CHECK (1LL << 20)    /* iterations between checks of the stop flag */
-#define PP_TUNE_MUL_CHUNK 65536           /* square/weighted_multiply .map: items per chunk */
-#define PP_TUNE_MUL_RELEASE 65536         /* fewer products than this run with the GIL held */
-#define PP_TUNE_BUF_CHUNK 65536           /* weighted_multiply_buffer: items per chunk */
-#define PP_TUNE_BUF_RELEASE 32768         /* fewer items than this run with the GIL held */
+#define PP_TUNE_CUBE_CHECK (1LL << 20)
+/* square/weighted_multiply .map and weighted_multiply_buffer: items per chunk, and the size
+ * below which they run with the GIL held. */
+#define PP_TUNE_MUL_CHUNK 65536
+#define PP_TUNE_MUL_RELEASE 65536
+#define PP_TUNE_BUF_CHUNK 65536
+#define PP_TUNE_BUF_RELEASE 32768
 /* channel.c, shm.c */
-#define PP_TUNE_NOGIL_COPY 65536          /* copies at least this big release the GIL */
-#define PP_TUNE_WAIT_SLICE_MS 100         /* a blocked worker-side wait looks at signals */
-#define PP_TUNE_WORKER_SPIN_NS 50000      /* a worker polls this long before it sleeps (50 us) */
-#define PP_TUNE_SPIN_LEASE_NS 1000000     /* a collecting caller's lease (1 ms), see spin() */
+#define PP_TUNE_NOGIL_COPY 65536      /* copies at least this big release the GIL */
+#define PP_TUNE_WAIT_SLICE_MS 100     /* a blocked worker-side wait looks at signals */
+#define PP_TUNE_WORKER_SPIN_NS 50000  /* a worker polls this long before it sleeps (50 us) */
+#define PP_TUNE_SPIN_LEASE_NS 1000000 /* a collecting caller's lease (1 ms), see spin() */
 /* sync.c */
-#define PP_TUNE_LOCK_SLICE_NS 50000000LL  /* lock waits check signals and owner liveness (50 ms) */
-#define PP_TUNE_LOCK_SPINS 64             /* attempts before a lock wait sleeps */
+#define PP_TUNE_LOCK_SLICE_NS 50000000LL /* lock waits check signals and dead owners (50 ms) */
+#define PP_TUNE_LOCK_SPINS 64            /* attempts before a lock wait sleeps */
 
 /* Sets the exception for `st` (using `err` as errno for PP_ERR_OS); returns NULL. */
 PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X)                                                                        \
-    X(KernelType) X(CancelTokenType) X(KernelCancelled) X(SegmentType) X(SharedViewType)              \
-        X(SemLockType) X(ChannelType)
+// clang-format off
+#define PP_STATE_OBJECTS(X) \
+    X(KernelType) X(CancelTokenType) X(KernelCancelled) \
+    X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
+// clang-format on
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;

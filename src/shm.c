@@ -261,7 +261,6 @@ pp_segment_range(SegmentObject *self, Py_ssize_t offset, Py_ssize_t len)
     return 0;
 }
 
-
 PyDoc_STRVAR(Segment_write_doc, "write($self, offset, data, /)\n--\n\n"
                                 "Copies the bytes of buffer `data` into the segment at `offset` "
                                 "(the GIL is released for large copies).");

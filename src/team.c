@@ -64,8 +64,8 @@ static struct {
     int participants; /* helpers 0..participants-1 take part in this generation */
     int started;      /* threads started: the master (OpenMP) or helpers (fallback) */
     unsigned long
-        born; /* generation when the latest threads were started: they wait for the next */
-    bool quit;              /* the threads leave at the next generation (before a fork) */
+        born;  /* generation when the latest threads were started: they wait for the next */
+    bool quit; /* the threads leave at the next generation (before a fork) */
     bool prepare_locked;    /* the atfork prepare handler holds `call` */
     bool atfork_registered; /* guarded by `call` */
     /* OS thread ids of the team's threads (master, OpenMP workers, helpers), so that fork

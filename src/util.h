@@ -41,7 +41,8 @@ pp_cpu_relax(void)
 static inline int
 pp_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t ns)
 {
-    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000LL), .tv_nsec = (long)(ns % 1000000000LL)};
+    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000LL),
+                          .tv_nsec = (long)(ns % 1000000000LL)};
     return (int)syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0);
 }
 
