@@ -6,19 +6,36 @@ input first (raising what the Python version would raise, before any thread star
 runs one thread team (OpenMP when the build has it, see :data:`openmp`) with dynamic
 scheduling, largest inputs first, and returns a list in input order.
 
-Kernels are fork-safe: a thread team is started from a short-lived thread that takes it down
-again, so a process forked after a kernel ran (``os.fork``, multiprocessing's fork start
-method) never inherits a GNU OpenMP pool it would deadlock on.
+``threads`` is capped at the number of inputs and at 4 per usable CPU (1024 at most): more
+threads than that only add switching, and ``threads=10**6`` does not start a million.
+
+Kernels are fork-safe: the team lives on its own long-lived pthread (never a Python thread),
+and an idle team is taken down just before any ``fork()`` and restarted by the next call, so a
+forked child never inherits a GNU OpenMP pool it would deadlock on, and Python 3.12+ sees no
+thread of ours when it checks whether the process forking is multi-threaded.
+
+Interruption: Ctrl-C (SIGINT, also the Jupyter interrupt) stops a running kernel call, scalar
+or ``.map``, within about 10 ms of computing time, and raises KeyboardInterrupt; the next call
+works as usual. A :class:`CancelToken` does the same from any thread: pass ``cancel=token`` to
+a kernel call, to ``kernel.map(...)`` or to :func:`weighted_multiply_buffer`, and
+``token.cancel()`` stops them with :exc:`KernelCancelled` (a RuntimeError); a call given an
+already cancelled token raises at once, before any work. A token stays cancelled.
+
+Inputs are read once, as a snapshot (a tuple of the list's items), before any conversion:
+Python code run while converting (``__index__``, ``__mul__``, a weights mapping's
+``__getitem__``) may change the caller's list without affecting the call.
 """
 from __future__ import annotations
 
 import array
 
 from . import _core
-from ._core import Kernel, cube_loop, fib, square, weighted_multiply
+from ._core import CancelToken, Kernel, KernelCancelled, cube_loop, fib, square, weighted_multiply
 
 __all__ = [
     "Kernel",
+    "CancelToken",
+    "KernelCancelled",
     "fib",
     "cube_loop",
     "square",
@@ -40,14 +57,18 @@ def _kind(buf, name: str) -> str:
     return _KINDS[fmt]
 
 
-def weighted_multiply_buffer(numbers, weights, out=None, threads=None):
+def weighted_multiply_buffer(numbers, weights, out=None, threads=None, *, cancel=None):
     """``out[i] = numbers[i] * weights[i]`` over equal-length buffers of int64 or float64
     (array.array, numpy arrays, any C-contiguous buffer), on a thread team.
 
     The result is int64 when both inputs are, float64 otherwise; int64 products wrap on
     overflow, as numpy's do. Without ``out`` a new array is returned: a numpy array when
-    ``numbers`` is one, else an ``array.array``.
+    ``numbers`` is one, else an ``array.array``. ``out`` may overlap the inputs: the result is
+    numpy's (computed from the inputs as they were before the call). ``cancel``: a
+    :class:`CancelToken` that stops the call (KernelCancelled).
     """
+    if cancel is not None and not isinstance(cancel, CancelToken):
+        raise TypeError(f"cancel must be None or a CancelToken, not {type(cancel).__name__}")
     kind = "d" if "d" in (_kind(numbers, "numbers"), _kind(weights, "weights")) else "q"
     if out is None:
         n = memoryview(numbers).nbytes // 8
@@ -57,4 +78,4 @@ def weighted_multiply_buffer(numbers, weights, out=None, threads=None):
             out = numpy.empty(numbers.shape, dtype=numpy.float64 if kind == "d" else numpy.int64)
         else:
             out = array.array(kind, bytes(8 * n))
-    return _core._weighted_multiply_buffer(numbers, weights, out, threads)
+    return _core._weighted_multiply_buffer(numbers, weights, out, threads, cancel=cancel)

@@ -489,21 +489,51 @@ class BoundedSemaphore(Semaphore):
                                                  self.maxvalue)
 
 
+def _pid_dead(pid):
+    """True when process `pid` is gone or a zombie: it will never wake up or release anything."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+
+
 class Condition:
-    """A process-shared condition variable (multiprocessing.synchronize.Condition's algorithm)."""
+    """A process-shared condition variable (multiprocessing.synchronize.Condition's algorithm).
+
+    Unlike multiprocessing's, a process that dies inside ``wait()`` does not deadlock the others
+    (issue 8): each waiter holds a slot of a small shared table with its pid while it sleeps,
+    and ``notify()``, while it waits for the waiters it woke, skips those whose process is dead.
+    Beyond ``_WAITER_SLOTS`` simultaneous waiters, the extra ones wait unregistered (correct,
+    but a death among them is not detected)."""
+
+    _WAITER_SLOTS = 64
+    _SLICE = 0.05       # notify() looks for dead waiters this often while it waits for them
 
     def __init__(self, lock=None, *, ctx=None):
         self._lock = lock or RLock()
         self._sleeping_count = Semaphore(0)
         self._woken_count = Semaphore(0)
         self._wait_semaphore = Semaphore(0)
+        self._waiters = RawArray("i", self._WAITER_SLOTS)   # pid per sleeping waiter, 0 free
         self._make_methods()
 
     def __getstate__(self):
-        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore)
+        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore,
+                self._waiters)
 
     def __setstate__(self, state):
-        (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore) = state
+        (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore,
+         self._waiters) = state
         self._make_methods()
 
     def __enter__(self):
@@ -523,8 +553,30 @@ class Condition:
             num_waiters = "unknown"
         return "<%s(%s, %s)>" % (type(self).__name__, self._lock, num_waiters)
 
+    def _register(self):
+        """A free waiter slot now holding this pid (under the lock), or -1 when all are taken."""
+        pid = os.getpid()
+        table = self._waiters
+        for i in range(self._WAITER_SLOTS):
+            if table.compare_exchange(i, 0, pid):
+                return i
+        return -1
+
+    def _reap_dead(self):
+        """Completes the wait of every registered waiter whose process died (as if it had
+        woken); returns how many. Called with the lock held."""
+        table = self._waiters
+        reaped = 0
+        for i in range(self._WAITER_SLOTS):
+            pid = table.load(i)
+            if pid and _pid_dead(pid) and table.compare_exchange(i, pid, 0):
+                self._woken_count.release()     # what the dead waiter's finally would have done
+                reaped += 1
+        return reaped
+
     def wait(self, timeout=None):
         assert self._lock._is_mine(), "must acquire() condition before using wait()"
+        slot = self._register()
         self._sleeping_count.release()          # this thread is going to sleep
         count = self._lock._count()
         for _ in range(count):
@@ -533,6 +585,8 @@ class Condition:
             return self._wait_semaphore.acquire(True, timeout)
         finally:
             self._woken_count.release()         # this thread has woken
+            if slot >= 0:
+                self._waiters.store(slot, 0)
             for _ in range(count):
                 self._lock.acquire()
 
@@ -540,17 +594,19 @@ class Condition:
         assert self._lock._is_mine(), "lock is not owned"
         assert not self._wait_semaphore.acquire(False), \
             "notify: Should not have been able to acquire _wait_semaphore"
-        # account for timeouts since the last notify: subtract woken from sleeping
+        # account for timeouts since the last notify: subtract woken from sleeping (a waiter
+        # killed between its two bookkeeping steps may leave a woken count without a sleeper)
         while self._woken_count.acquire(False):
-            res = self._sleeping_count.acquire(False)
-            assert res, "notify: Bug in sleeping_count.acquire - res should not be False"
+            self._sleeping_count.acquire(False)
         sleepers = 0
         while sleepers < n and self._sleeping_count.acquire(False):
             self._wait_semaphore.release()      # wake up one sleeper
             sleepers += 1
         if sleepers:
             for _ in range(sleepers):
-                self._woken_count.acquire()     # wait for a sleeper to wake
+                # wait for a sleeper to wake; one that died never will: count it as woken
+                while not self._woken_count.acquire(True, self._SLICE):
+                    self._reap_dead()
             while self._wait_semaphore.acquire(False):
                 pass                            # rezero in case some timeouts just happened
 
@@ -620,7 +676,9 @@ class Event:
 
 class Barrier(threading.Barrier):
     """A process-shared barrier (like multiprocessing.Barrier); raises
-    threading.BrokenBarrierError."""
+    threading.BrokenBarrierError. A party whose process dies inside ``wait()`` breaks the
+    barrier: the others get BrokenBarrierError when the last of them arrives or at their
+    timeout (multiprocessing's hang)."""
 
     def __init__(self, parties, action=None, timeout=None, *, ctx=None):
         if parties < 1:
@@ -650,6 +708,14 @@ class Barrier(threading.Barrier):
     @_count.setter
     def _count(self, value):
         self._array[1] = value
+
+    def _release(self):
+        # A party that died inside wait() was counted as arrived: break the barrier instead of
+        # letting the others through as if it were there (threading.Barrier._release breaks
+        # it and re-raises whatever is raised here).
+        if self._cond._reap_dead():
+            raise threading.BrokenBarrierError
+        super()._release()
 
 
 # ------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@
  * offsets and C11 atomics only, never pointers. */
 #define _GNU_SOURCE
 #include "pp.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -31,10 +32,7 @@
 #include <unistd.h>
 
 #define PP_CHAN_MAGIC 0x70706368616e3031ULL /* "ppchan01" */
-#define PP_WAIT_SLICE_MS 100                /* how often a blocked wait looks at signals */
-#define PP_NOGIL_COPY 65536                 /* copies at least this big release the GIL */
-#define PP_WORKER_SPIN_NS 50000             /* a worker polls this long before it sleeps */
-#define PP_SPIN_LEASE_NS 1000000            /* see Channel_spin */
+/* Times and sizes: PP_TUNE_* in pp.h. */
 
 /* One direction between the parent and one worker. Counters only grow; offset = count % cap. */
 typedef struct {
@@ -87,24 +85,6 @@ typedef struct {
 static void pp_channel_release(ChannelObject *ch);
 
 /* ---- GIL-free helpers ---- */
-
-static inline void
-pp_cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-static inline int64_t
-pp_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 /* Polls `ready(arg)` for up to ns nanoseconds: a sleep and a wakeup cost tens of
  * microseconds on a busy or virtual machine, more than a short task takes. */
@@ -162,19 +142,6 @@ static inline char *
 pp_result_data(ChannelObject *ch, uint32_t slot)
 {
     return pp_task_data(ch, slot) + pp_hdr(ch)->task_cap;
-}
-
-static int
-pp_futex_wait(_Atomic uint32_t *word, uint32_t expected, int timeout_ms)
-{
-    struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L};
-    return (int)syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0);
-}
-
-static void
-pp_futex_wake(_Atomic uint32_t *word)
-{
-    (void)syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 /* Copies up to n bytes into the ring; returns how many fit. Never blocks. */
@@ -238,7 +205,7 @@ pp_ring_signal_data(pp_ring *r)
 {
     atomic_fetch_add(&r->data_seq, 1);
     if (atomic_load(&r->cons_wait)) {
-        pp_futex_wake(&r->data_seq);
+        pp_futex_wake(&r->data_seq, 1);
     }
 }
 
@@ -248,7 +215,7 @@ pp_ring_signal_space(pp_ring *r)
 {
     atomic_fetch_add(&r->space_seq, 1);
     if (atomic_load(&r->prod_wait)) {
-        pp_futex_wake(&r->space_seq);
+        pp_futex_wake(&r->space_seq, 1);
     }
 }
 
@@ -263,7 +230,7 @@ pp_ring_wait(pp_ring *r, uint64_t cap, int want_data)
     uint64_t used = atomic_load(&r->head) - atomic_load(&r->tail);
     int ready = want_data ? used > 0 : used < cap;
     pp_status st = PP_OK;
-    if (!ready && pp_futex_wait(word, seq, PP_WAIT_SLICE_MS) < 0) {
+    if (!ready && pp_futex_wait(word, seq, PP_TUNE_WAIT_SLICE_MS * 1000000LL) < 0) {
         if (errno == ETIMEDOUT) {
             st = PP_ERR_TIMEOUT;
         }
@@ -278,36 +245,6 @@ pp_ring_wait(pp_ring *r, uint64_t cap, int want_data)
 }
 
 /* ---- Python-facing helpers ---- */
-
-/* Reads the state letter and start time (clock ticks since boot) of a process from
- * /proc/<pid>/stat; -1 when it does not exist. */
-static int
-pp_proc_stat(pid_t pid, char *state, unsigned long long *start)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        return -1;
-    }
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) {
-        return -1;
-    }
-    buf[n] = '\0';
-    char *p = strrchr(buf, ')'); /* the command name may contain anything but ends here */
-    if (p == NULL || p[1] != ' ') {
-        return -1;
-    }
-    *state = p[2];
-    p += 3;
-    for (int field = 4; field < 22 && p != NULL; field++) { /* starttime is field 22 */
-        p = strchr(p + 1, ' ');
-    }
-    *start = p != NULL ? strtoull(p + 1, NULL, 10) : 0;
-    return 0;
-}
 
 /* Between slices of a blocking worker-side wait: run signal handlers, notice a dead parent
  * (gone, a zombie nobody reaped yet, or its pid reused by another process). */
@@ -567,7 +504,7 @@ Channel_put_held(PyObject *self, PyObject *args)
     char *data = pp_task_data(ch, (uint32_t)slot);
     uint64_t cap = pp_hdr(ch)->task_cap;
     size_t written;
-    if (total + 8 - pos >= PP_NOGIL_COPY) {
+    if (total + 8 - pos >= PP_TUNE_NOGIL_COPY) {
         Py_BEGIN_ALLOW_THREADS
         written = pp_stream_write(r, data, cap, hdr, views, n, pos);
         Py_END_ALLOW_THREADS
@@ -641,7 +578,7 @@ Channel_get_held(PyObject *self, PyObject *arg)
     uint64_t len = (uint64_t)PyByteArray_GET_SIZE(p->buf);
     char *dst = PyByteArray_AS_STRING(p->buf) + p->got;
     size_t n;
-    if (len - p->got >= PP_NOGIL_COPY) {
+    if (len - p->got >= PP_TUNE_NOGIL_COPY) {
         Py_BEGIN_ALLOW_THREADS
         n = pp_ring_read(r, data, cap, dst, (size_t)(len - p->got));
         Py_END_ALLOW_THREADS
@@ -699,19 +636,64 @@ pp_parent_ready_cb(void *arg)
  * collector; True when there is something to collect.
  *
  * A caller that found something will collect it itself, and is likely to spin again soon (a
- * loop of apply_async().get()): it takes a lease of PP_SPIN_LEASE_NS during which workers
+ * loop of apply_async().get()): it takes a lease (lease_usec, PP_TUNE_SPIN_LEASE_NS by
+ * default) during which workers
  * still do not wake the collector, which sleeps only until the lease ends and then looks for
  * itself. Without it, every result would wake the collector thread for nothing, and that
  * thread would take the CPU of the worker or of the caller. A caller that found nothing
  * arms the collector again, and wakes it if something arrived in the meantime. */
+/* Parses (first, second=default) positional-or-keyword arguments of a fastcall method; the
+ * second is a duration in microseconds (a non-negative number). -1 on error. */
+static int
+pp_two_args(const char *fname, const char *second_name, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames, PyObject **first, double *second)
+{
+    PyObject *py_second = nargs > 1 ? args[1] : NULL;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 1 or 2 positional arguments (%zd given)", fname,
+                     nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
+        if (PyUnicode_CompareWithASCIIString(py_name, second_name) != 0 || py_second != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument '%S'", fname,
+                         py_name);
+            return -1;
+        }
+        py_second = args[nargs + i];
+    }
+    *first = args[0];
+    if (py_second != NULL) {
+        double v = PyFloat_AsDouble(py_second);
+        if (v == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (!(v >= 0 && v <= 1e9)) {
+            PyErr_Format(PyExc_ValueError, "%s must be between 0 and 1e9 microseconds",
+                         second_name);
+            return -1;
+        }
+        *second = v;
+    }
+    return 0;
+}
+
 static PyObject *
-Channel_spin_held(PyObject *self, PyObject *arg)
+Channel_spin_held(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     ChannelObject *ch = (ChannelObject *)self;
+    PyObject *arg;
+    double lease_us = PP_TUNE_SPIN_LEASE_NS / 1000.0;
+    if (pp_two_args("spin", "lease_usec", args, nargs, kwnames, &arg, &lease_us) < 0) {
+        return NULL;
+    }
     double us = PyFloat_AsDouble(arg);
     if ((us == -1.0 && PyErr_Occurred()) || pp_check_slot(ch, 0) < 0) {
         return NULL;
     }
+    int64_t lease_ns = (int64_t)(lease_us * 1000.0);
     if (!ch->owner) {
         PyErr_SetString(PyExc_ValueError, "spin() is for the channel's owner");
         return NULL;
@@ -725,7 +707,7 @@ Channel_spin_held(PyObject *self, PyObject *arg)
     if (found) {
         int64_t now = pp_now_ns();
         /* a new lease: the collector may be asleep without a timeout; tell it once */
-        poke = atomic_exchange(&ch->lease_until, now + PP_SPIN_LEASE_NS) <= now;
+        poke = atomic_exchange(&ch->lease_until, now + lease_ns) <= now;
     }
     else {
         atomic_store(&ch->lease_until, 0);
@@ -768,11 +750,15 @@ Channel_wait_held(PyObject *self, PyObject *args)
         }
         timeout_ms = t <= 0 ? 0 : (t > 1e6 ? 1000000000 : (int)(t * 1000.0 + 0.5));
     }
-    py_seq = PySequence_Fast(fds, "fds must be a sequence of file descriptors");
+    /* A tuple (a copy of a list): fileno() is Python code that may change the caller's list. */
+    py_seq = PySequence_Tuple(fds);
     if (py_seq == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError, "fds must be a sequence of file descriptors");
+        }
         return NULL;
     }
-    Py_ssize_t nfds = PySequence_Fast_GET_SIZE(py_seq);
+    Py_ssize_t nfds = PyTuple_GET_SIZE(py_seq);
     pfds = PyMem_Calloc((size_t)nfds + 1, sizeof(struct pollfd));
     if (pfds == NULL) {
         PyErr_NoMemory();
@@ -781,7 +767,7 @@ Channel_wait_held(PyObject *self, PyObject *args)
     pfds[0].fd = ch->rfd;
     pfds[0].events = POLLIN;
     for (Py_ssize_t i = 0; i < nfds; i++) {
-        int fd = PyObject_AsFileDescriptor(PySequence_Fast_GET_ITEM(py_seq, i));
+        int fd = PyObject_AsFileDescriptor(PyTuple_GET_ITEM(py_seq, i)); /* borrowed */
         if (fd < 0) {
             goto error;
         }
@@ -864,9 +850,15 @@ Channel_reset(PyObject *self, PyObject *arg)
 /* recv(slot) -> bytearray: worker side, blocks (GIL released, signals seen every slice) for
  * the next whole task message. Raises BrokenPipeError when the parent has died. */
 static PyObject *
-Channel_recv_held(PyObject *self, PyObject *arg)
+Channel_recv_held(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     ChannelObject *ch = (ChannelObject *)self;
+    PyObject *arg;
+    double spin_us = PP_TUNE_WORKER_SPIN_NS / 1000.0;
+    if (pp_two_args("recv", "spin_usec", args, nargs, kwnames, &arg, &spin_us) < 0) {
+        return NULL;
+    }
+    int64_t spin_ns = (int64_t)(spin_us * 1000.0);
     long slot = PyLong_AsLong(arg);
     if ((slot == -1 && PyErr_Occurred()) || pp_check_slot(ch, slot) < 0) {
         return NULL;
@@ -893,7 +885,7 @@ Channel_recv_held(PyObject *self, PyObject *arg)
                 }
                 break;
             }
-            if (pp_spin(pp_ring_has_data, r, PP_WORKER_SPIN_NS)) {
+            if (pp_spin(pp_ring_has_data, r, spin_ns)) {
                 continue;
             }
             st = pp_ring_wait(r, cap, 1);
@@ -998,11 +990,24 @@ Channel_send_held(PyObject *self, PyObject *args)
     }
 PP_HELD_METHOD(put)
 PP_HELD_METHOD(get)
-PP_HELD_METHOD(spin)
 PP_HELD_METHOD(wait)
-PP_HELD_METHOD(recv)
 PP_HELD_METHOD(send)
 #undef PP_HELD_METHOD
+#define PP_HELD_FASTCALL(name)                                                                     \
+    static PyObject *Channel_##name(PyObject *self, PyObject *const *args, Py_ssize_t nargs,       \
+                                    PyObject *kwnames)                                             \
+    {                                                                                              \
+        ChannelObject *ch = (ChannelObject *)self;                                                 \
+        ch->busy++;                                                                                \
+        PyObject *res = Channel_##name##_held(self, args, nargs, kwnames);                         \
+        if (--ch->busy == 0 && ch->closing) {                                                      \
+            pp_channel_release(ch);                                                                \
+        }                                                                                          \
+        return res;                                                                                \
+    }
+PP_HELD_FASTCALL(spin)
+PP_HELD_FASTCALL(recv)
+#undef PP_HELD_FASTCALL
 
 static PyObject *
 Channel_get_fds(PyObject *self, void *Py_UNUSED(closure))
@@ -1056,10 +1061,38 @@ Channel_close(PyObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* The channel owns the bytearrays of partly received results (one per slot): GC-visible. */
+static int
+Channel_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    ChannelObject *ch = (ChannelObject *)self;
+    Py_VISIT(Py_TYPE(self));
+    if (ch->partial != NULL && ch->base != NULL) {
+        for (uint32_t i = 0; i < pp_hdr(ch)->nslots; i++) {
+            Py_VISIT(ch->partial[i].buf);
+        }
+    }
+    return 0;
+}
+
+static int
+Channel_clear(PyObject *self)
+{
+    ChannelObject *ch = (ChannelObject *)self;
+    if (ch->partial != NULL && ch->base != NULL) {
+        for (uint32_t i = 0; i < pp_hdr(ch)->nslots; i++) {
+            Py_CLEAR(ch->partial[i].buf);
+            ch->partial[i].hdr_got = 0;
+        }
+    }
+    return 0;
+}
+
 static void
 Channel_dealloc(PyObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
     pp_channel_release((ChannelObject *)self);
     tp->tp_free(self);
     Py_DECREF(tp);
@@ -1078,13 +1111,15 @@ static PyMethodDef Channel_methods[] = {
     {"wait", Channel_wait, METH_VARARGS,
      "wait(fds, timeout=None)\n--\n\nParent: sleep until there is work, an fd is readable, "
      "notify() is called or the timeout passes. False on timeout."},
-    {"spin", Channel_spin, METH_O,
-     "spin(usec)\n--\n\nParent: poll the rings for up to usec microseconds; True when "
-     "there is something to collect."},
+    {"spin", (PyCFunction)(void (*)(void))Channel_spin, METH_FASTCALL | METH_KEYWORDS,
+     "spin(usec, lease_usec=1000.0)\n--\n\nParent: poll the rings for up to usec microseconds; "
+     "True when there is something to collect (and then a lease of lease_usec during which "
+     "workers do not wake the collector)."},
     {"notify", Channel_notify, METH_NOARGS, "notify()\n--\n\nWake the parent out of wait()."},
     {"reset", Channel_reset, METH_O, "reset(slot)\n--\n\nParent: empty a dead worker's rings."},
-    {"recv", Channel_recv, METH_O,
-     "recv(slot)\n--\n\nWorker: block for the next task message (bytearray)."},
+    {"recv", (PyCFunction)(void (*)(void))Channel_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv(slot, spin_usec=50.0)\n--\n\nWorker: block for the next task message (bytearray), "
+     "polling the ring for spin_usec before sleeping."},
     {"send", Channel_send, METH_VARARGS,
      "send(slot, parts)\n--\n\nWorker: write a whole result message, blocking while full."},
     {"close", Channel_close, METH_NOARGS, "close()\n--\n\nUnmap and close the channel."},
@@ -1100,6 +1135,8 @@ static PyGetSetDef Channel_getset[] = {
 static PyType_Slot Channel_slots[] = {
     {Py_tp_new, Channel_new},
     {Py_tp_dealloc, Channel_dealloc},
+    {Py_tp_traverse, Channel_traverse},
+    {Py_tp_clear, Channel_clear},
     {Py_tp_methods, Channel_methods},
     {Py_tp_getset, Channel_getset},
     {Py_tp_doc, "Channel(nslots, task_bytes, result_bytes)\n--\n\n"
@@ -1110,7 +1147,7 @@ static PyType_Slot Channel_slots[] = {
 static PyType_Spec Channel_spec = {
     .name = "pyparallel._core.Channel",
     .basicsize = sizeof(ChannelObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_HAVE_GC,
     .slots = Channel_slots,
 };
 

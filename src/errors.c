@@ -27,6 +27,9 @@ pp_raise(pp_status st, int err)
             PyErr_SetFromErrno(PyExc_InterruptedError);
         }
         break;
+    case PP_ERR_CANCELLED: /* kernels raise KernelCancelled themselves; a generic fallback */
+        PyErr_SetString(PyExc_RuntimeError, "cancelled");
+        break;
     case PP_ERR_CLOSED:
         PyErr_SetString(PyExc_BrokenPipeError, "the other side has closed");
         break;

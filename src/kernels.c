@@ -1,12 +1,23 @@
 /* kernels.c: the native kernels (fib, cube_loop, square, weighted_multiply) as Kernel
- * objects with a scalar call and a bulk .map() over pp_parallel_for.
+ * objects with a scalar call and a bulk .map() over pp_parallel_for, and the CancelToken.
  *
  * Every entry follows the same order: convert and check all inputs with the GIL held (so bad
  * input raises the exception the Python version would, before any thread starts), release
- * the GIL around pure C, take it back, build the results. */
+ * the GIL around pure C, take it back, build the results.
+ *
+ * Inputs are held as a tuple (a copy of a list) while they are converted: conversion runs
+ * Python code (__index__, __mul__, a mapping's __getitem__) that may change the list, and a
+ * borrowed item of a changed list is a dangling pointer (issue 8).
+ *
+ * Interruption (issue 7): a caller that releases the GIL for longer than a few milliseconds
+ * waits in team.c, which runs signal handlers and checks the call's CancelToken every
+ * PP_TUNE_WATCH_SLICE_NS, and stops the computing threads through a flag they check. A long
+ * scalar call computes on a helper thread for the same reason. A stopped call raises what
+ * the signal handler raised (KeyboardInterrupt) or KernelCancelled. */
 #include "pp.h"
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #if PY_VERSION_HEX < 0x030C0000
@@ -18,8 +29,10 @@
 /* ------------------------------------------------------------------------------------------
  * Kernel objects */
 
-typedef PyObject *(*pp_call_fn)(PyObject *module, PyObject *const *args);
-typedef PyObject *(*pp_map_fn)(PyObject *module, PyObject *const *args, int threads);
+/* `token` is a CancelToken or NULL. */
+typedef PyObject *(*pp_call_fn)(PyObject *module, PyObject *const *args, PyObject *token);
+typedef PyObject *(*pp_map_fn)(PyObject *module, PyObject *const *args, int threads,
+                               PyObject *token);
 
 typedef struct {
     const char *name;
@@ -37,13 +50,174 @@ typedef struct {
 } KernelObject;
 
 /* ------------------------------------------------------------------------------------------
+ * CancelToken: a flag that stops the kernel calls given it (cancel=token) */
+
+typedef struct {
+    PyObject_HEAD
+    _Atomic int flag;
+} CancelTokenObject;
+
+static PyObject *
+CancelToken_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "CancelToken() takes no arguments");
+        return NULL;
+    }
+    CancelTokenObject *self = (CancelTokenObject *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        atomic_init(&self->flag, 0);
+    }
+    return (PyObject *)self;
+}
+
+static void
+CancelToken_dealloc(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+CancelToken_cancel(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_store(&((CancelTokenObject *)self)->flag, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+CancelToken_get_cancelled(PyObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(atomic_load(&((CancelTokenObject *)self)->flag));
+}
+
+static PyObject *
+CancelToken_repr(PyObject *self)
+{
+    return PyUnicode_FromFormat("<pyparallel CancelToken %s>",
+                                atomic_load(&((CancelTokenObject *)self)->flag) ? "cancelled"
+                                                                                : "active");
+}
+
+static PyMethodDef CancelToken_methods[] = {
+    {"cancel", CancelToken_cancel, METH_NOARGS,
+     "cancel($self, /)\n--\n\n"
+     "Stops every kernel call running with this token (within about 10 ms) and makes later\n"
+     "calls with it raise KernelCancelled at once. Safe from any thread, GIL or not."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef CancelToken_getset[] = {
+    {"cancelled", CancelToken_get_cancelled, NULL, "True once cancel() was called.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot CancelToken_slots[] = {
+    {Py_tp_new, CancelToken_new},
+    {Py_tp_dealloc, CancelToken_dealloc},
+    {Py_tp_repr, CancelToken_repr},
+    {Py_tp_methods, CancelToken_methods},
+    {Py_tp_getset, CancelToken_getset},
+    {Py_tp_doc, (void *)"CancelToken()\n--\n\n"
+                        "Pass as cancel=token to a kernel call, kernel.map() or\n"
+                        "weighted_multiply_buffer(); token.cancel() stops those calls, which\n"
+                        "then raise KernelCancelled. A token stays cancelled: use a new one."},
+    {0, NULL},
+};
+
+static PyType_Spec CancelToken_spec = {
+    .name = "pyparallel._core.CancelToken",
+    .basicsize = sizeof(CancelTokenObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = CancelToken_slots,
+};
+
+/* The `cancel=` argument: NULL for None (or absent), the token itself (borrowed) when it is a
+ * CancelToken; -1 with TypeError otherwise. */
+static int
+pp_token_arg(PyObject *module, PyObject *arg, PyObject **token)
+{
+    *token = NULL;
+    if (arg == NULL || arg == Py_None) {
+        return 0;
+    }
+    if (!PyObject_TypeCheck(arg, (PyTypeObject *)pp_get_state(module)->CancelTokenType)) {
+        PyErr_Format(PyExc_TypeError, "cancel must be None or a CancelToken, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return -1;
+    }
+    *token = arg;
+    return 0;
+}
+
+static const _Atomic int pp_never = 0; /* the stop flag of a call that cannot be stopped */
+
+static inline const _Atomic int *
+pp_token_flag(PyObject *token)
+{
+    return token != NULL ? &((CancelTokenObject *)token)->flag : &pp_never;
+}
+
+static PyObject *
+pp_raise_cancelled(PyObject *module)
+{
+    PyErr_SetString(pp_get_state(module)->KernelCancelled, "kernel call cancelled");
+    return NULL;
+}
+
+/* Sets up a watch for a call with `token` (GIL held); -1 with KernelCancelled when the token
+ * is already cancelled, so that nothing starts. */
+static int
+pp_watch_init(PyObject *module, PyObject *token, pp_watch *w)
+{
+    atomic_init(&w->stop, 0);
+    w->token = token != NULL ? pp_token_flag(token) : NULL;
+    w->tstate = NULL;
+    w->why = PP_OK;
+    if (w->token != NULL && atomic_load(w->token)) {
+        pp_raise_cancelled(module);
+        return -1;
+    }
+    return 0;
+}
+
+/* After a stopped run (GIL held again): the exception for it; returns NULL. */
+static PyObject *
+pp_watch_fail(PyObject *module, pp_watch *w)
+{
+    if (w->why == PP_ERR_INTERRUPT && PyErr_Occurred()) {
+        return NULL; /* what the signal handler raised */
+    }
+    return pp_raise_cancelled(module);
+}
+
+/* Between items of a long conversion with the GIL held: signals and the token. -1 on stop. */
+static int
+pp_convert_check(PyObject *module, PyObject *token, Py_ssize_t i)
+{
+    if ((i & (PP_TUNE_CONVERT_CHECK - 1)) != PP_TUNE_CONVERT_CHECK - 1) {
+        return 0;
+    }
+    if (PyErr_CheckSignals() < 0) {
+        return -1;
+    }
+    if (token != NULL && atomic_load(pp_token_flag(token))) {
+        pp_raise_cancelled(module);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
  * Shared helpers */
 
-/* Items of `iterable` as a new list or tuple reference (PySequence_Fast), NULL on error. */
+/* Items of `iterable` as a new tuple reference (a copy of a list, so that Python code run
+ * while converting items cannot change it under us), NULL on error. */
 static PyObject *
 pp_fast_items(PyObject *iterable, const char *who)
 {
-    PyObject *py_seq = PySequence_Fast(iterable, "");
+    PyObject *py_seq = PySequence_Tuple(iterable);
     if (py_seq == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
         PyErr_Format(PyExc_TypeError, "%s expected an iterable, got %.100s", who,
                      Py_TYPE(iterable)->tp_name);
@@ -93,29 +267,65 @@ pp_order_cmp(const void *a, const void *b)
  * scalar call and the bulk map below; each supplies its conversion, computation and result. */
 
 typedef struct {
-    const char *map_name;                       /* for error messages: "fib.map()" */
-    int (*conv)(PyObject *o, long long *n);     /* operator.index() plus range checks */
-    void (*compute)(long long n, void *out);    /* pure C, runs without the GIL */
+    const char *map_name;                   /* for error messages: "fib.map()" */
+    int (*conv)(PyObject *o, long long *n); /* operator.index() plus range checks */
+    /* pure C, runs without the GIL; returns early (result unused) once *stop is set */
+    void (*compute)(long long n, void *out, const _Atomic int *stop);
     PyObject *(*to_object)(const void *result); /* the result as a Python int */
     size_t result_size;
     long long release; /* for n below this a call is too short to release the GIL for */
+    long long helper;  /* from this n a scalar call computes on a helper thread (see top) */
 } pp_int_kernel;
 
+/* One scalar computation handed to a helper thread. */
+typedef struct {
+    const pp_int_kernel *k;
+    long long n;
+    void *out;
+} pp_int_task;
+
+static void
+pp_int_task_run(void *arg, const _Atomic int *stop)
+{
+    pp_int_task *t = arg;
+    t->k->compute(t->n, t->out, stop);
+}
+
 static PyObject *
-pp_int_call(const pp_int_kernel *k, PyObject *arg)
+pp_int_call(PyObject *module, const pp_int_kernel *k, PyObject *arg, PyObject *token)
 {
     long long n;
     uint64_t result[4]; /* large enough for every result type below */
     if (k->conv(arg, &n) < 0) {
         return NULL;
     }
+    if (token != NULL && atomic_load(pp_token_flag(token))) {
+        return pp_raise_cancelled(module);
+    }
     if (n < k->release) {
-        k->compute(n, result);
+        k->compute(n, result, &pp_never);
+    }
+    else if (n < k->helper) {
+        /* Over in well under 100 ms: computed here, stoppable by the token only. */
+        Py_BEGIN_ALLOW_THREADS
+        k->compute(n, result, pp_token_flag(token));
+        Py_END_ALLOW_THREADS
+        if (token != NULL && atomic_load(pp_token_flag(token))) {
+            return pp_raise_cancelled(module);
+        }
     }
     else {
-        Py_BEGIN_ALLOW_THREADS
-        k->compute(n, result);
-        Py_END_ALLOW_THREADS
+        pp_watch w;
+        if (pp_watch_init(module, token, &w) < 0) {
+            return NULL;
+        }
+        pp_int_task task = {k, n, result};
+        w.tstate = PyEval_SaveThread();
+        int stopped = pp_run_helper(pp_int_task_run, &task, &w);
+        PyEval_RestoreThread(w.tstate);
+        if (stopped) {
+            return pp_watch_fail(module, &w);
+        }
     }
     return k->to_object(result);
 }
@@ -125,6 +335,7 @@ typedef struct {
     const pp_int_kernel *k;
     const pp_order_item *order;
     char *out;
+    const _Atomic int *stop;
 } pp_int_job;
 
 static void
@@ -133,19 +344,20 @@ pp_int_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     const pp_int_job *job = (const pp_int_job *)ctx;
     for (Py_ssize_t i = lo; i < hi; i++) {
         const pp_order_item *it = &job->order[i];
-        job->k->compute(it->key, job->out + (size_t)it->index * job->k->result_size);
+        job->k->compute(it->key, job->out + (size_t)it->index * job->k->result_size, job->stop);
     }
 }
 
 static PyObject *
-pp_int_map(const pp_int_kernel *k, PyObject *iterable, int threads)
+pp_int_map(PyObject *module, const pp_int_kernel *k, PyObject *iterable, int threads,
+           PyObject *token)
 {
     PyObject *py_seq = pp_fast_items(iterable, k->map_name);
     if (py_seq == NULL) {
         return NULL;
     }
     PyObject *py_list = NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(py_seq);
     size_t cap = (size_t)(n > 0 ? n : 1);
     pp_order_item *order = PyMem_Malloc(sizeof(pp_order_item) * cap);
     char *out = PyMem_Malloc(k->result_size * cap);
@@ -156,21 +368,31 @@ pp_int_map(const pp_int_kernel *k, PyObject *iterable, int threads)
     /* Convert and check every input before any work starts. */
     long long max_n = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (k->conv(PySequence_Fast_GET_ITEM(py_seq, i), &order[i].key) < 0) { /* borrowed */
+        /* borrowed from the tuple, which holds it while conv runs Python code */
+        if (k->conv(PyTuple_GET_ITEM(py_seq, i), &order[i].key) < 0 ||
+            pp_convert_check(module, token, i) < 0) {
             goto error;
         }
         order[i].index = i;
         max_n = order[i].key > max_n ? order[i].key : max_n;
     }
     qsort(order, (size_t)n, sizeof(pp_order_item), pp_order_cmp);
-    pp_int_job job = {.k = k, .order = order, .out = out};
+    pp_watch w;
+    if (pp_watch_init(module, token, &w) < 0) {
+        goto error;
+    }
+    pp_int_job job = {.k = k, .order = order, .out = out, .stop = &w.stop};
     if (max_n < k->release) {
         pp_int_range(&job, 0, n);
     }
     else {
-        Py_BEGIN_ALLOW_THREADS
-        pp_parallel_for(n, 1, threads, pp_int_range, &job);
-        Py_END_ALLOW_THREADS
+        w.tstate = PyEval_SaveThread();
+        int stopped = pp_parallel_for(n, 1, threads, pp_int_range, &job, &w);
+        PyEval_RestoreThread(w.tstate);
+        if (stopped) {
+            pp_watch_fail(module, &w);
+            goto error;
+        }
     }
     py_list = PyList_New(n);
     if (py_list == NULL) {
@@ -210,10 +432,29 @@ pp_fib(long long n)
     return n <= 2 ? 1 : pp_fib(n - 1) + pp_fib(n - 2);
 }
 
-static void
-pp_fib_compute(long long n, void *out)
+/* The same recursion, checking the stop flag at every call above PP_TUNE_FIB_CHECK: between
+ * two checks runs at most one plain subtree of fib(PP_TUNE_FIB_CHECK), a few milliseconds. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((noipa, optimize("no-optimize-sibling-calls")))
+#elif defined(__clang__)
+__attribute__((noinline, disable_tail_calls))
+#endif
+static uint64_t
+pp_fib_watched(long long n, const _Atomic int *stop)
 {
-    *(uint64_t *)out = pp_fib(n);
+    if (n <= PP_TUNE_FIB_CHECK) {
+        return pp_fib(n);
+    }
+    if (atomic_load_explicit(stop, memory_order_relaxed)) {
+        return 0;
+    }
+    return pp_fib_watched(n - 1, stop) + pp_fib_watched(n - 2, stop);
+}
+
+static void
+pp_fib_compute(long long n, void *out, const _Atomic int *stop)
+{
+    *(uint64_t *)out = pp_fib_watched(n, stop);
 }
 
 static PyObject *
@@ -230,21 +471,20 @@ pp_fib_arg(PyObject *o, long long *n)
 }
 
 static const pp_int_kernel pp_fib_kernel = {
-    "fib.map()", pp_fib_arg, pp_fib_compute, pp_fib_result, sizeof(uint64_t), 24,
+    "fib.map()",      pp_fib_arg,          pp_fib_compute,     pp_fib_result,
+    sizeof(uint64_t), PP_TUNE_FIB_RELEASE, PP_TUNE_FIB_HELPER,
 };
 
 static PyObject *
-pp_fib_call(PyObject *module, PyObject *const *args)
+pp_fib_call(PyObject *module, PyObject *const *args, PyObject *token)
 {
-    (void)module;
-    return pp_int_call(&pp_fib_kernel, args[0]);
+    return pp_int_call(module, &pp_fib_kernel, args[0], token);
 }
 
 static PyObject *
-pp_fib_map(PyObject *module, PyObject *const *args, int threads)
+pp_fib_map(PyObject *module, PyObject *const *args, int threads, PyObject *token)
 {
-    (void)module;
-    return pp_int_map(&pp_fib_kernel, args[0], threads);
+    return pp_int_map(module, &pp_fib_kernel, args[0], threads, token);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -259,14 +499,21 @@ typedef struct {
 } pp_u192;
 
 static void
-pp_cube_compute(long long n, void *out)
+pp_cube_compute(long long n, void *out, const _Atomic int *stop)
 {
     unsigned __int128 lo = 0;
     uint64_t hi = 0;
-    for (uint64_t i = 0; i < (uint64_t)n; i++) {
-        unsigned __int128 c = (unsigned __int128)i * i * i;
-        lo += c;
-        hi += lo < c;
+    for (uint64_t start = 0; start < (uint64_t)n; start += PP_TUNE_CUBE_CHECK) {
+        if (atomic_load_explicit(stop, memory_order_relaxed)) {
+            break;
+        }
+        uint64_t end =
+            (uint64_t)n - start > PP_TUNE_CUBE_CHECK ? start + PP_TUNE_CUBE_CHECK : (uint64_t)n;
+        for (uint64_t i = start; i < end; i++) {
+            unsigned __int128 c = (unsigned __int128)i * i * i;
+            lo += c;
+            hi += lo < c;
+        }
     }
     pp_u192 *r = (pp_u192 *)out;
     r->w[0] = (uint64_t)lo;
@@ -316,21 +563,20 @@ pp_cube_arg(PyObject *o, long long *n)
 }
 
 static const pp_int_kernel pp_cube_kernel = {
-    "cube_loop.map()", pp_cube_arg, pp_cube_compute, pp_cube_result, sizeof(pp_u192), 20000,
+    "cube_loop.map()", pp_cube_arg,          pp_cube_compute,     pp_cube_result,
+    sizeof(pp_u192),   PP_TUNE_CUBE_RELEASE, PP_TUNE_CUBE_HELPER,
 };
 
 static PyObject *
-pp_cube_call(PyObject *module, PyObject *const *args)
+pp_cube_call(PyObject *module, PyObject *const *args, PyObject *token)
 {
-    (void)module;
-    return pp_int_call(&pp_cube_kernel, args[0]);
+    return pp_int_call(module, &pp_cube_kernel, args[0], token);
 }
 
 static PyObject *
-pp_cube_map(PyObject *module, PyObject *const *args, int threads)
+pp_cube_map(PyObject *module, PyObject *const *args, int threads, PyObject *token)
 {
-    (void)module;
-    return pp_int_map(&pp_cube_kernel, args[0], threads);
+    return pp_int_map(module, &pp_cube_kernel, args[0], threads, token);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -413,31 +659,42 @@ pp_mul_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     }
 }
 
-/* Chunks are handed out dynamically: a helper thread that wakes late (waking an idle vCPU
- * can take milliseconds on a VM) only delays the loop by the chunk it takes. */
-#define PP_MUL_CHUNK 65536
-#define PP_MUL_RELEASE 65536 /* fewer products than this run on the caller, GIL held */
+/* Chunks (PP_TUNE_MUL_CHUNK) are handed out dynamically: a helper thread that wakes late
+ * (waking an idle vCPU can take milliseconds on a VM) only delays the loop by the chunk it
+ * takes. Fewer than PP_TUNE_MUL_RELEASE products run on the caller, GIL held. */
 
-/* Runs a pp_mul_job over n items: in parallel (GIL released) when big enough. */
-static void
-pp_mul_run(pp_mul_job *job, Py_ssize_t n, int threads)
+/* Runs a pp_mul_job over n items: in parallel (GIL released) when big enough. -1 with an
+ * exception when stopped (signal or token). */
+static int
+pp_mul_run(PyObject *module, pp_mul_job *job, Py_ssize_t n, int threads, PyObject *token)
 {
-    if (n < PP_MUL_RELEASE) {
-        pp_mul_range(job, 0, n);
-        return;
+    pp_watch w;
+    if (pp_watch_init(module, token, &w) < 0) {
+        return -1;
     }
-    Py_BEGIN_ALLOW_THREADS
-    pp_parallel_for(n, PP_MUL_CHUNK, threads, pp_mul_range, job);
-    Py_END_ALLOW_THREADS
+    if (n < PP_TUNE_MUL_RELEASE) {
+        pp_mul_range(job, 0, n);
+        return 0;
+    }
+    w.tstate = PyEval_SaveThread();
+    int stopped = pp_parallel_for(n, PP_TUNE_MUL_CHUNK, threads, pp_mul_range, job, &w);
+    PyEval_RestoreThread(w.tstate);
+    if (stopped) {
+        pp_watch_fail(module, &w);
+        return -1;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------
  * square: x * x */
 
 static PyObject *
-pp_square_call(PyObject *module, PyObject *const *args)
+pp_square_call(PyObject *module, PyObject *const *args, PyObject *token)
 {
-    (void)module;
+    if (token != NULL && atomic_load(pp_token_flag(token))) {
+        return pp_raise_cancelled(module);
+    }
     pp_num x = pp_num_of(args[0]), r;
     if (pp_num_mul(x, x, &r)) {
         return pp_num_to_object(r);
@@ -446,15 +703,14 @@ pp_square_call(PyObject *module, PyObject *const *args)
 }
 
 static PyObject *
-pp_square_map(PyObject *module, PyObject *const *args, int threads)
+pp_square_map(PyObject *module, PyObject *const *args, int threads, PyObject *token)
 {
-    (void)module;
     PyObject *py_seq = pp_fast_items(args[0], "square.map()");
     if (py_seq == NULL) {
         return NULL;
     }
     PyObject *py_list = NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(py_seq);
     size_t cap = (size_t)(n > 0 ? n : 1);
     pp_num *x = PyMem_Malloc(sizeof(pp_num) * cap);
     pp_num *out = PyMem_Malloc(sizeof(pp_num) * cap);
@@ -464,18 +720,25 @@ pp_square_map(PyObject *module, PyObject *const *args, int threads)
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        x[i] = pp_num_of(PySequence_Fast_GET_ITEM(py_seq, i));
+        x[i] = pp_num_of(PyTuple_GET_ITEM(py_seq, i));
+        if (pp_convert_check(module, token, i) < 0) {
+            goto error;
+        }
     }
     pp_mul_job job = {.a = x, .b = x, .out = out, .ok = ok};
-    pp_mul_run(&job, n, threads);
+    if (pp_mul_run(module, &job, n, threads, token) < 0) {
+        goto error;
+    }
     py_list = PyList_New(n);
     if (py_list == NULL) {
         goto error;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *py_item = PySequence_Fast_GET_ITEM(py_seq, i); /* borrowed */
+        /* borrowed from the tuple: __mul__ may change the caller's list, not the tuple */
+        PyObject *py_item = PyTuple_GET_ITEM(py_seq, i);
         PyObject *py_v = ok[i] ? pp_num_to_object(out[i]) : PyNumber_Multiply(py_item, py_item);
-        if (py_v == NULL) {
+        if (py_v == NULL || pp_convert_check(module, token, i) < 0) {
+            Py_XDECREF(py_v);
             Py_CLEAR(py_list);
             goto error;
         }
@@ -551,14 +814,15 @@ pp_unpack2(PyObject *o, PyObject **a, PyObject **b)
 
 /* Shared by the scalar call (threads == 1) and .map(). */
 static PyObject *
-pp_weighted_multiply(PyObject *items, PyObject *weights, int threads)
+pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int threads,
+                     PyObject *token)
 {
     PyObject *py_seq = pp_fast_items(items, "weighted_multiply()");
     if (py_seq == NULL) {
         return NULL;
     }
     PyObject *py_list = NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(py_seq), done = 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(py_seq), done = 0;
     size_t cap = (size_t)(n > 0 ? n : 1);
     /* Per item: kind, number, weight (new references), their fast forms, the product. */
     PyObject **py_objs = PyMem_Calloc(cap * 3, sizeof(PyObject *));
@@ -572,19 +836,22 @@ pp_weighted_multiply(PyObject *items, PyObject *weights, int threads)
     }
     for (; done < n; done++) {
         PyObject **slot = &py_objs[3 * done];
-        if (pp_unpack2(PySequence_Fast_GET_ITEM(py_seq, done), &slot[0], &slot[1]) < 0) {
+        /* borrowed from the tuple, which keeps it while weights[kind] runs Python code */
+        if (pp_unpack2(PyTuple_GET_ITEM(py_seq, done), &slot[0], &slot[1]) < 0) {
             goto error;
         }
         slot[2] = PyObject_GetItem(weights, slot[0]); /* KeyError for an unknown kind */
-        if (slot[2] == NULL) {
-            done++; /* slot[0..1] are owned: clear them below */
+        if (slot[2] == NULL || pp_convert_check(module, token, done) < 0) {
+            done++; /* slot[0..2] are owned: clear them below */
             goto error;
         }
         num[done] = pp_num_of(slot[1]);
         wt[done] = pp_num_of(slot[2]);
     }
     pp_mul_job job = {.a = num, .b = wt, .out = out, .ok = ok};
-    pp_mul_run(&job, n, threads);
+    if (pp_mul_run(module, &job, n, threads, token) < 0) {
+        goto error;
+    }
     py_list = PyList_New(n);
     if (py_list == NULL) {
         goto error;
@@ -594,7 +861,8 @@ pp_weighted_multiply(PyObject *items, PyObject *weights, int threads)
         PyObject *py_prod = ok[i] ? pp_num_to_object(out[i]) : PyNumber_Multiply(slot[1], slot[2]);
         PyObject *py_t = py_prod ? PyTuple_Pack(3, slot[0], slot[1], py_prod) : NULL;
         Py_XDECREF(py_prod);
-        if (py_t == NULL) {
+        if (py_t == NULL || pp_convert_check(module, token, i) < 0) {
+            Py_XDECREF(py_t);
             Py_CLEAR(py_list);
             goto error;
         }
@@ -616,17 +884,15 @@ error:
 }
 
 static PyObject *
-pp_wm_call(PyObject *module, PyObject *const *args)
+pp_wm_call(PyObject *module, PyObject *const *args, PyObject *token)
 {
-    (void)module;
-    return pp_weighted_multiply(args[0], args[1], 1);
+    return pp_weighted_multiply(module, args[0], args[1], 1, token);
 }
 
 static PyObject *
-pp_wm_map(PyObject *module, PyObject *const *args, int threads)
+pp_wm_map(PyObject *module, PyObject *const *args, int threads, PyObject *token)
 {
-    (void)module;
-    return pp_weighted_multiply(args[0], args[1], threads);
+    return pp_weighted_multiply(module, args[0], args[1], threads, token);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -681,27 +947,66 @@ pp_buf_range(void *ctx, Py_ssize_t lo, Py_ssize_t hi)
     }
 }
 
-#define PP_BUF_CHUNK 65536 /* see PP_MUL_CHUNK */
-#define PP_BUF_RELEASE 32768
+/* When input `in` (len bytes) overlaps `out` other than exactly (same start), a copy of it
+ * to read from, as numpy buffers overlapping operands: out[i] must be computed from the
+ * inputs as they were before the call. *copy is NULL when no copy is needed. -1: no memory. */
+static int
+pp_unalias(const void *in, const void *out, Py_ssize_t len, void **copy)
+{
+    *copy = NULL;
+    const char *i0 = in, *o0 = out;
+    if (in == out || len == 0 || i0 + len <= o0 || o0 + len <= i0) {
+        return 0; /* the same items (each read before it is written) or disjoint */
+    }
+    *copy = PyMem_Malloc((size_t)len);
+    if (*copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(*copy, in, (size_t)len);
+    return 0;
+}
 
 PyDoc_STRVAR(pp_wmb_doc,
-             "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /)\n--\n\n"
+             "_weighted_multiply_buffer($module, numbers, weights, out, threads=None, /, *, "
+             "cancel=None)\n--\n\n"
              "out[i] = numbers[i] * weights[i] over int64/float64 buffers of one length.\n"
-             "The public wrapper is pyparallel.kernels.weighted_multiply_buffer.");
+             "`out` may overlap the inputs (the result is numpy's: computed from the inputs as\n"
+             "they were). The public wrapper is pyparallel.kernels.weighted_multiply_buffer.");
 
 static PyObject *
-pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    PyObject *py_threads = nargs == 4 ? args[3] : NULL, *py_cancel = NULL, *token;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs < 3 || nargs > 4) {
         PyErr_Format(PyExc_TypeError,
-                     "_weighted_multiply_buffer() takes 3 or 4 arguments (%zd given)", nargs);
+                     "_weighted_multiply_buffer() takes 3 or 4 positional arguments (%zd given)",
+                     nargs);
         return NULL;
     }
-    int threads = pp_threads_arg(module, nargs == 4 ? args[3] : NULL);
-    if (threads < 0) {
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
+        PyObject **dst = NULL;
+        if (PyUnicode_CompareWithASCIIString(py_name, "cancel") == 0) {
+            dst = &py_cancel;
+        }
+        else if (PyUnicode_CompareWithASCIIString(py_name, "threads") == 0) {
+            dst = &py_threads;
+        }
+        if (dst == NULL || *dst != NULL) {
+            PyErr_Format(PyExc_TypeError, "_weighted_multiply_buffer() got %s argument '%S'",
+                         dst == NULL ? "an unexpected keyword" : "multiple values for", py_name);
+            return NULL;
+        }
+        *dst = args[nargs + i];
+    }
+    int threads = pp_threads_arg(module, py_threads);
+    if (threads < 0 || pp_token_arg(module, py_cancel, &token) < 0) {
         return NULL;
     }
     Py_buffer a = {0}, b = {0}, o = {0};
+    void *a_copy = NULL, *b_copy = NULL;
     PyObject *py_ret = NULL;
     if (PyObject_GetBuffer(args[0], &a, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
         return NULL;
@@ -730,16 +1035,29 @@ pp_wmb(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                      want == PP_BUF_F64 ? "float64" : "int64");
         goto error;
     }
-    if (n < PP_BUF_RELEASE) {
+    pp_watch w;
+    if (pp_watch_init(module, token, &w) < 0 || pp_unalias(a.buf, o.buf, 8 * n, &a_copy) < 0 ||
+        pp_unalias(b.buf, o.buf, 8 * n, &b_copy) < 0) {
+        goto error;
+    }
+    job.a = a_copy != NULL ? a_copy : a.buf;
+    job.b = b_copy != NULL ? b_copy : b.buf;
+    if (n < PP_TUNE_BUF_RELEASE) {
         pp_buf_range(&job, 0, n);
     }
     else {
-        Py_BEGIN_ALLOW_THREADS
-        pp_parallel_for(n, PP_BUF_CHUNK, threads, pp_buf_range, &job);
-        Py_END_ALLOW_THREADS
+        w.tstate = PyEval_SaveThread();
+        int stopped = pp_parallel_for(n, PP_TUNE_BUF_CHUNK, threads, pp_buf_range, &job, &w);
+        PyEval_RestoreThread(w.tstate);
+        if (stopped) {
+            pp_watch_fail(module, &w);
+            goto error;
+        }
     }
     py_ret = Py_NewRef(args[2]);
 error:
+    PyMem_Free(a_copy);
+    PyMem_Free(b_copy);
     PyBuffer_Release(&a); /* PyBuffer_Release ignores a view that was never filled */
     PyBuffer_Release(&b);
     PyBuffer_Release(&o);
@@ -751,24 +1069,24 @@ error:
 
 static const pp_kernel_def pp_kernel_defs[] = {
     {"fib",
-     "fib(n, /)\n--\n\n"
+     "fib(n, /, *, cancel=None)\n--\n\n"
      "The naive doubly recursive Fibonacci: 1 if n <= 2 else fib(n-1) + fib(n-2).\n"
      "Computed in C by the same recursion with the GIL released. OverflowError for n > 93.\n\n"
      "fib.map(iterable, threads=None) computes every item on a thread team.",
      1, 1, pp_fib_call, pp_fib_map},
     {"cube_loop",
-     "cube_loop(n, /)\n--\n\n"
+     "cube_loop(n, /, *, cancel=None)\n--\n\n"
      "The CPU-burning loop `for i in range(n): i**3`, returning the exact sum of the cubes.\n"
      "Runs in C with the GIL released; 0 for n <= 0; OverflowError above 2**42.\n\n"
      "cube_loop.map(iterable, threads=None) computes every item on a thread team.",
      1, 1, pp_cube_call, pp_cube_map},
     {"square",
-     "square(x, /)\n--\n\n"
+     "square(x, /, *, cancel=None)\n--\n\n"
      "x * x: in C for int64 and float, by Python for anything else (big ints, ...).\n\n"
      "square.map(iterable, threads=None) squares every item, in parallel for large inputs.",
      1, 1, pp_square_call, pp_square_map},
     {"weighted_multiply",
-     "weighted_multiply(items, weights, /)\n--\n\n"
+     "weighted_multiply(items, weights, /, *, cancel=None)\n--\n\n"
      "[(kind, number, number * weights[kind]) for kind, number in items].\n\n"
      "weighted_multiply.map(items, weights, threads=None) computes the products on a\n"
      "thread team.",
@@ -782,16 +1100,26 @@ Kernel_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject
 {
     const pp_kernel_def *def = ((KernelObject *)self)->def;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
-        PyErr_Format(PyExc_TypeError, "%s() takes no keyword arguments", def->name);
-        return NULL;
-    }
     if (nargs != def->nargs) {
-        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd argument%s (%zd given)", def->name,
-                     def->nargs, def->nargs == 1 ? "" : "s", nargs);
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd positional argument%s (%zd given)",
+                     def->name, def->nargs, def->nargs == 1 ? "" : "s", nargs);
         return NULL;
     }
-    return def->call(PyType_GetModule(Py_TYPE(self)), args);
+    PyObject *module = PyType_GetModule(Py_TYPE(self));
+    PyObject *token = NULL;
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyObject *py_name = PyTuple_GET_ITEM(kwnames, 0); /* borrowed */
+        if (PyTuple_GET_SIZE(kwnames) > 1 ||
+            PyUnicode_CompareWithASCIIString(py_name, "cancel") != 0) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%S'", def->name,
+                         PyTuple_GET_SIZE(kwnames) > 1 ? PyTuple_GET_ITEM(kwnames, 1) : py_name);
+            return NULL;
+        }
+        if (pp_token_arg(module, args[nargs], &token) < 0) {
+            return NULL;
+        }
+    }
+    return def->call(module, args, token);
 }
 
 /* kernel.map(*inputs, threads=None) */
@@ -801,6 +1129,7 @@ Kernel_map(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     const pp_kernel_def *def = ((KernelObject *)self)->def;
     PyObject *module = PyType_GetModule(Py_TYPE(self));
     PyObject *py_threads = nargs > def->map_nargs ? args[def->map_nargs] : NULL;
+    PyObject *py_cancel = NULL, *token;
     if (nargs < def->map_nargs || nargs > def->map_nargs + 1) {
         PyErr_Format(PyExc_TypeError, "%s.map() takes %zd positional argument%s (%zd given)",
                      def->name, def->map_nargs, def->map_nargs == 1 ? "" : "s", nargs);
@@ -809,24 +1138,30 @@ Kernel_map(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *py_name = PyTuple_GET_ITEM(kwnames, i); /* borrowed */
-        if (!PyUnicode_Check(py_name) ||
-            !(PyUnicode_CompareWithASCIIString(py_name, "threads") == 0)) {
+        PyObject **dst = NULL;
+        if (PyUnicode_CompareWithASCIIString(py_name, "threads") == 0) {
+            dst = &py_threads;
+        }
+        else if (PyUnicode_CompareWithASCIIString(py_name, "cancel") == 0) {
+            dst = &py_cancel;
+        }
+        if (dst == NULL) {
             PyErr_Format(PyExc_TypeError, "%s.map() got an unexpected keyword argument '%S'",
                          def->name, py_name);
             return NULL;
         }
-        if (py_threads != NULL) {
-            PyErr_Format(PyExc_TypeError, "%s.map() got multiple values for argument 'threads'",
-                         def->name);
+        if (*dst != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s.map() got multiple values for argument '%S'",
+                         def->name, py_name);
             return NULL;
         }
-        py_threads = args[nargs + i];
+        *dst = args[nargs + i];
     }
     int threads = pp_threads_arg(module, py_threads);
-    if (threads < 0) {
+    if (threads < 0 || pp_token_arg(module, py_cancel, &token) < 0) {
         return NULL;
     }
-    return def->map(module, args, threads);
+    return def->map(module, args, threads, token);
 }
 
 static PyObject *
@@ -875,8 +1210,11 @@ Kernel_dealloc(PyObject *self)
 
 static PyMethodDef Kernel_methods[] = {
     {"map", (PyCFunction)(void (*)(void))Kernel_map, METH_FASTCALL | METH_KEYWORDS,
-     "map(*inputs, threads=None)\n--\n\n"
-     "The kernel over many inputs on one thread team, GIL released; a list in input order."},
+     "map(*inputs, threads=None, cancel=None)\n--\n\n"
+     "The kernel over many inputs on one thread team, GIL released; a list in input order.\n"
+     "threads is capped at the number of inputs and at 4 per usable CPU (1024 at most).\n"
+     "Ctrl-C stops it (KeyboardInterrupt); so does cancel=token with token.cancel()\n"
+     "(KernelCancelled)."},
     {"__reduce__", Kernel_reduce, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
@@ -933,7 +1271,8 @@ pp_kernel_by_name(PyObject *module, PyObject *name)
 
 PyMethodDef pp_kernels_methods[] = {
     {"_kernel_by_name", pp_kernel_by_name, METH_O, pp_kernel_by_name_doc},
-    {"_weighted_multiply_buffer", (PyCFunction)(void (*)(void))pp_wmb, METH_FASTCALL, pp_wmb_doc},
+    {"_weighted_multiply_buffer", (PyCFunction)(void (*)(void))pp_wmb,
+     METH_FASTCALL | METH_KEYWORDS, pp_wmb_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -945,6 +1284,18 @@ pp_kernels_exec(PyObject *module, pp_state *st)
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Kernel", st->KernelType) < 0) {
+        return -1;
+    }
+    st->CancelTokenType = PyType_FromModuleAndSpec(module, &CancelToken_spec, NULL);
+    if (st->CancelTokenType == NULL ||
+        PyModule_AddObjectRef(module, "CancelToken", st->CancelTokenType) < 0) {
+        return -1;
+    }
+    st->KernelCancelled = PyErr_NewExceptionWithDoc(
+        "pyparallel.kernels.KernelCancelled",
+        "A kernel call was stopped by its CancelToken (token.cancel()).", PyExc_RuntimeError, NULL);
+    if (st->KernelCancelled == NULL ||
+        PyModule_AddObjectRef(module, "KernelCancelled", st->KernelCancelled) < 0) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < PP_NKERNELS; i++) {

@@ -5,6 +5,8 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdatomic.h>
+#include <stddef.h> /* offsetof: Python >= 3.12's headers no longer include it */
 #include <stdint.h>
 
 #ifndef PP_VERSION
@@ -21,15 +23,55 @@ typedef enum {
     PP_ERR_TIMEOUT,   /* a timed wait expired */
     PP_ERR_INTERRUPT, /* a wait was interrupted by a signal that Python must see */
     PP_ERR_CLOSED,    /* the other side has gone away */
+    PP_ERR_CANCELLED, /* a CancelToken asked a kernel to stop */
 } pp_status;
+
+/* ---- Tunables: every hard-coded time, size and threshold of the C core, in one table ----
+ * (the Python side has its own table; the channel's spin and lease times can be passed from
+ * Python per call, these are their defaults). */
+/* kernels.c, team.c */
+/* A caller waiting for a kernel runs signal handlers and checks its CancelToken this often. */
+#define PP_TUNE_WATCH_SLICE_NS 10000000LL /* 10 ms */
+/* threads= is capped at this many per usable CPU, and at PP_TUNE_MAX_THREADS_ABS in all. */
+#define PP_TUNE_THREADS_PER_CPU 4
+#define PP_TUNE_MAX_THREADS_ABS 1024
+/* Conversions with the GIL held check signals (and the token) every this many items. */
+#define PP_TUNE_CONVERT_CHECK 16384
+/* fib(n): below _RELEASE the GIL is kept (too short to release it for); from _HELPER (about
+ * 10 ms) a scalar call computes on a helper thread while the caller stays interruptible
+ * (below, it ends within 100 ms anyway); the recursion checks the stop flag above _CHECK. */
+#define PP_TUNE_FIB_RELEASE 24
+#define PP_TUNE_FIB_HELPER 32
+#define PP_TUNE_FIB_CHECK 30
+/* cube_loop(n): the same, and the iterations between two checks of the stop flag. */
+#define PP_TUNE_CUBE_RELEASE 20000
+#define PP_TUNE_CUBE_HELPER (1LL << 23)
+#define PP_TUNE_CUBE_CHECK (1LL << 20)
+/* square/weighted_multiply .map and weighted_multiply_buffer: items per chunk, and the size
+ * below which they run with the GIL held. */
+#define PP_TUNE_MUL_CHUNK 65536
+#define PP_TUNE_MUL_RELEASE 65536
+#define PP_TUNE_BUF_CHUNK 65536
+#define PP_TUNE_BUF_RELEASE 32768
+/* channel.c, shm.c */
+#define PP_TUNE_NOGIL_COPY 65536      /* copies at least this big release the GIL */
+#define PP_TUNE_WAIT_SLICE_MS 100     /* a blocked worker-side wait looks at signals */
+#define PP_TUNE_WORKER_SPIN_NS 50000  /* a worker polls this long before it sleeps (50 us) */
+#define PP_TUNE_SPIN_LEASE_NS 1000000 /* a collecting caller's lease (1 ms), see spin() */
+/* sync.c */
+#define PP_TUNE_LOCK_SLICE_NS 50000000LL /* lock waits check signals and dead owners (50 ms) */
+#define PP_TUNE_LOCK_SPINS 64            /* attempts before a lock wait sleeps */
 
 /* Sets the exception for `st` (using `err` as errno for PP_ERR_OS); returns NULL. */
 PyObject *pp_raise(pp_status st, int err);
 
 /* Module state: every Python object the module owns, one X() line each, so that the state
  * struct, traverse and clear are generated from a single list and cannot drift apart. */
-#define PP_STATE_OBJECTS(X)                                                                        \
-    X(KernelType) X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
+// clang-format off
+#define PP_STATE_OBJECTS(X) \
+    X(KernelType) X(CancelTokenType) X(KernelCancelled) \
+    X(SegmentType) X(SharedViewType) X(SemLockType) X(ChannelType)
+// clang-format on
 
 typedef struct {
 #define PP_DECLARE_FIELD(name) PyObject *name;
@@ -51,10 +93,30 @@ pp_get_state(PyObject *module)
 /* Body of a parallel loop: handles indices [lo, hi). Must not touch Python objects. */
 typedef void (*pp_range_fn)(void *ctx, Py_ssize_t lo, Py_ssize_t hi);
 
+/* What a caller waiting (GIL released) for a kernel watches: signals and a CancelToken. */
+typedef struct {
+    _Atomic int stop;         /* set to stop the run; the computing threads check it */
+    const _Atomic int *token; /* the flag of a CancelToken, or NULL */
+    PyThreadState *tstate;    /* the caller's, saved while the GIL is released */
+    pp_status why;            /* PP_OK, PP_ERR_INTERRUPT (exception set), PP_ERR_CANCELLED */
+} pp_watch;
+
+/* Called by the waiting caller with the GIL released, every PP_TUNE_WATCH_SLICE_NS: takes the
+ * GIL, runs signal handlers (KeyboardInterrupt), checks the token; 1 (and w->stop set) when
+ * the run must stop. */
+int pp_watch_poll(pp_watch *w);
+
 /* Runs body over [0, n) in chunks of `chunk` indices handed out dynamically to `threads`
- * threads (OpenMP when built with it, pthreads otherwise). Call it with the GIL released.
- * Never fails: if threads cannot be started, the loop runs on the calling thread. */
-void pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx);
+ * threads (OpenMP when built with it, pthreads otherwise). Call it with the GIL released and,
+ * when w is not NULL, w->tstate holding the saved thread state: the caller then polls w
+ * while it waits. Returns 1 when stopped early (results incomplete), else 0. Never fails: if
+ * threads cannot be started, the loop runs on the calling thread. */
+int pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, void *ctx,
+                    pp_watch *w);
+
+/* Runs fn(arg, &w->stop) on a new thread while the caller (GIL released, w->tstate set) polls
+ * w; 1 when stopped early. Without a thread, runs it on the caller. */
+int pp_run_helper(void (*fn)(void *arg, const _Atomic int *stop), void *arg, pp_watch *w);
 
 /* _core.team_thread_ids(): OS thread ids of the team's threads (they are fork-safe). */
 PyObject *pp_team_thread_ids(PyObject *module, PyObject *ignored);

@@ -12,6 +12,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -260,8 +261,6 @@ pp_segment_range(SegmentObject *self, Py_ssize_t offset, Py_ssize_t len)
     return 0;
 }
 
-#define PP_NOGIL_COPY 65536 /* copies at least this big release the GIL */
-
 PyDoc_STRVAR(Segment_write_doc, "write($self, offset, data, /)\n--\n\n"
                                 "Copies the bytes of buffer `data` into the segment at `offset` "
                                 "(the GIL is released for large copies).");
@@ -286,7 +285,7 @@ Segment_write(SegmentObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     char *dst = self->addr + offset;
-    if (src.len >= PP_NOGIL_COPY) {
+    if (src.len >= PP_TUNE_NOGIL_COPY) {
         /* Counted as an export meanwhile, so that another thread's close() cannot unmap it. */
         self->exports++;
         Py_BEGIN_ALLOW_THREADS

@@ -9,8 +9,9 @@
  *     lock over with one compare-exchange and records that it was abandoned (robustness).
  *   - semaphores: word = the count.
  * Waits release the GIL, honour timeouts, retry on EINTR and return at least every
- * PP_SLICE_NS so that the caller can run PyErr_CheckSignals() (Ctrl-C). */
+ * PP_TUNE_LOCK_SLICE_NS so that the caller can run PyErr_CheckSignals() (Ctrl-C). */
 #include "pp.h"
+#include "util.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -29,8 +30,6 @@
 #define PP_KIND_SEMAPHORE 2
 
 #define PP_SEM_VALUE_MAX INT_MAX
-#define PP_SLICE_NS 50000000LL /* 50 ms: signal checks and owner liveness checks */
-#define PP_SPINS 64
 #define PP_TIMEOUT_MAX 1e9 /* seconds; keeps the deadline in a long long of ns */
 
 /* The shared state; 64 bytes are reserved for it by the Python side. */
@@ -53,27 +52,6 @@ typedef struct {
 
 /* ---- GIL-free helpers ---- */
 
-static long long
-pp_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static int
-pp_futex_wait(_Atomic uint32_t *addr, uint32_t expected, long long ns)
-{
-    struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
-    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
-}
-
-static void
-pp_futex_wake(_Atomic uint32_t *addr, int n)
-{
-    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
 /* True when process `pid` is gone or a zombie (it can never release what it holds). */
 static int
 pp_pid_dead(uint32_t pid)
@@ -81,17 +59,12 @@ pp_pid_dead(uint32_t pid)
     if (kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
         return 1;
     }
-    char path[64], buf[256];
-    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-    FILE *f = fopen(path, "re");
-    if (f == NULL) {
+    char state;
+    unsigned long long start;
+    if (pp_proc_stat((pid_t)pid, &state, &start) < 0) {
         return errno == ENOENT;
     }
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *paren = strrchr(buf, ')'); /* the state follows "(comm) " */
-    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+    return state == 'Z' || state == 'X';
 }
 
 /* One non-blocking attempt. 1: acquired, 0: not. */
@@ -130,15 +103,13 @@ pp_take_abandoned(pp_semstate *s, uint32_t me)
 static pp_status
 pp_sem_wait(pp_semstate *s, int kind, uint32_t me, long long deadline, int *abandoned)
 {
-    for (int i = 0; i < PP_SPINS; i++) {
+    for (int i = 0; i < PP_TUNE_LOCK_SPINS; i++) {
         if (pp_try(s, kind, me)) {
             return PP_OK;
         }
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
+        pp_cpu_relax();
     }
-    long long slice_end = pp_now_ns() + PP_SLICE_NS;
+    long long slice_end = pp_now_ns() + PP_TUNE_LOCK_SLICE_NS;
     for (;;) {
         if (pp_try(s, kind, me)) {
             return PP_OK;
@@ -229,7 +200,8 @@ SemLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "unrecognized kind");
         return NULL;
     }
-    if (create && (value < 0 || maxvalue <= 0 || value > maxvalue)) {
+    /* maxvalue 0 is BoundedSemaphore(0), which multiprocessing accepts (it never rises). */
+    if (create && (value < 0 || maxvalue < 0 || value > maxvalue)) {
         errno = EINVAL; /* what sem_open() says to multiprocessing for these */
         return PyErr_SetFromErrno(PyExc_OSError);
     }

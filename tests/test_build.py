@@ -1,4 +1,5 @@
-"""The pthread fallback: a build without OpenMP gives the same kernels, also fork-safe."""
+"""The pthread fallback: a build without OpenMP gives the same kernels, also fork-safe and
+cancellable."""
 import os
 import pathlib
 import shutil
@@ -24,8 +25,23 @@ assert kernels.cube_loop.map([10, 100000], threads=2) == [sum(i**3 for i in rang
 pid = os.fork()
 if pid == 0:
     os._exit(0 if kernels.fib.map(range(20, 26), threads=2) == [f(x) for x in range(20, 26)] else 1)
+assert len(os.listdir("/proc/self/task")) == 1   # the idle team was taken down for fork()
 _, status = os.waitpid(pid, 0)
 assert status == 0, status
+import threading, time
+tok, box = kernels.CancelToken(), []
+def run():
+    try:
+        kernels.fib.map([70] * 4, threads=2, cancel=tok)
+    except kernels.KernelCancelled as e:
+        box.append(e)
+t = threading.Thread(target=run, daemon=True)
+t.start()
+time.sleep(0.2)
+tok.cancel()
+t.join(10)
+assert not t.is_alive() and len(box) == 1
+assert kernels.fib.map(range(20, 26), threads=2) == [f(x) for x in range(20, 26)]
 print("fallback ok")
 """
 

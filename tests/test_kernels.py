@@ -380,3 +380,117 @@ def test_bulk_kernel_releases_the_gil():
     count, result = _progress_while(lambda: fib.map([38, 38, 38, 38], threads=2))
     assert result == [ref_fib(38)] * 4
     assert count > 10_000
+
+
+# ---- inputs changed by Python code during conversion (issue 8, point 1) ----
+# Each case crashed (exit 139) when the C code re-read the caller's list after running
+# Python code; the inputs are now a snapshot, so the result is that of the snapshot. They
+# run in a subprocess so that a regression fails the test instead of killing pytest.
+
+MUTATION_PRELUDE = '''
+import faulthandler; faulthandler.disable()
+from pyparallel import _core
+from pyparallel.kernels import cube_loop, fib, square, weighted_multiply
+class ClearsOnIndex:
+    def __init__(self, lst, v): self.lst, self.v = lst, v
+    def __index__(self): self.lst.clear(); return self.v
+class ClearsOnMul:
+    def __init__(self, lst, v): self.lst, self.v = lst, v
+    def __mul__(self, other): self.lst.clear(); return self.v * self.v
+class ClearingWeights(dict):
+    def __init__(self, lst): super().__init__(a=2, b=3); self.lst = lst
+    def __getitem__(self, k): self.lst.clear(); return dict.__getitem__(self, k)
+class ClearsOnFileno:
+    def __init__(self, lst, fd): self.lst, self.fd = lst, fd
+    def fileno(self): self.lst.clear(); return self.fd
+'''
+
+MUTATION_CASES = {
+    "fib.map": ("xs = [0, 0, 20, 21]; xs[0] = ClearsOnIndex(xs, 10); print(fib.map(xs))",
+                "[55, 1, 6765, 10946]"),
+    "fib.map-threads": ("xs = [0] + [25] * 64; xs[0] = ClearsOnIndex(xs, 25); "
+                        "print(fib.map(xs, threads=4) == [75025] * 65)", "True"),
+    "cube_loop.map": ("xs = [0, 5, 6]; xs[0] = ClearsOnIndex(xs, 4); print(cube_loop.map(xs))",
+                      "[36, 100, 225]"),
+    "square.map": ("xs = [0, 3, 2.5, 10**30]; xs[0] = ClearsOnMul(xs, 7); print(square.map(xs))",
+                   "[49, 9, 6.25, %d]" % 10**60),
+    "square.map-large": ("xs = [0] + list(range(100_000)); xs[0] = ClearsOnMul(xs, 7); "
+                         "r = square.map(xs, threads=2); print(r[0], r[-1], len(r))",
+                         "49 9999800001 100001"),
+    "weighted_multiply": ("items = [('a', 1), ('b', 2), ('a', 3)]; "
+                          "print(weighted_multiply(items, ClearingWeights(items)))",
+                          "[('a', 1, 2), ('b', 2, 6), ('a', 3, 6)]"),
+    "weighted_multiply.map": ("items = [('a', 1), ('b', 2), ('a', 3)]; "
+                              "print(weighted_multiply.map(items, ClearingWeights(items)))",
+                              "[('a', 1, 2), ('b', 2, 6), ('a', 3, 6)]"),
+    "weighted_multiply-index": ("items = [('a', 0), ('b', 2)]; items[0] = ('a', ClearsOnMul(items, 4)); "
+                                "print(weighted_multiply(items, {'a': 5, 'b': 3})[1])",
+                                "('b', 2, 6)"),
+    "Channel.wait": ("import os; ch = _core.Channel(1, 4096, 4096); r, w = os.pipe(); "
+                     "os.write(w, b'x'); fds = [0, r, r]; fds[0] = ClearsOnFileno(fds, r); "
+                     "print(ch.wait(fds, 5)); ch.close()", "True"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MUTATION_CASES))
+def test_input_changed_during_conversion(case):
+    import subprocess
+    import sys
+    code, expected = MUTATION_CASES[case]
+    out = subprocess.run([sys.executable, "-c", MUTATION_PRELUDE + code], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.strip() == expected
+
+
+def test_pack_numbers_runs_no_python_code():
+    # codec.c reads the list without a snapshot: that is safe only because it runs no Python
+    # code (exact ints and floats only); an int subclass with a mutating __index__ is refused.
+    class Evil(int):
+        def __index__(self):
+            raise AssertionError("pack_numbers ran Python code")
+    from pyparallel import _core
+    assert _core.pack_numbers([1, Evil(2), 3]) is None
+    assert _core.pack_numbers([1.5, 2.5]) == ("d", array.array("d", [1.5, 2.5]).tobytes())
+
+
+def test_slice_assignment_from_a_mutating_sequence():
+    # SynchronizedArray[...] = seq goes through ctypes, which reads seq by index, bounds-checked.
+    import pyparallel as pp
+    arr = pp.Array("i", 4)
+
+    class Shrinks(list):
+        def __getitem__(self, i):
+            v = list.__getitem__(self, i)
+            self.clear()
+            return v
+
+    with pytest.raises((IndexError, ValueError)):
+        arr[0:3] = Shrinks([1, 2, 3])
+    assert arr[0] == 1 and arr[1:4] == [0, 0, 0]
+
+
+# ---- weighted_multiply_buffer with `out` overlapping an input: numpy's results ----
+
+@pytest.mark.parametrize("n", [10, 100_000])
+@pytest.mark.parametrize("shift", [1, -1, 3])
+def test_weighted_multiply_buffer_overlap_like_numpy(n, shift):
+    base = np.arange(n + 3, dtype=np.int64) + 1
+    ref = base.copy()
+    w = (np.arange(n, dtype=np.int64) % 7) + 2
+    lo, hi = (0, shift) if shift > 0 else (-shift, 0)
+    weighted_multiply_buffer(base[lo:lo + n], w, out=base[hi:hi + n], threads=2)
+    np.multiply(ref[lo:lo + n], w, out=ref[hi:hi + n])
+    assert np.array_equal(base, ref)
+
+
+def test_weighted_multiply_buffer_in_place_and_both_inputs():
+    a = np.arange(1, 70_001, dtype=np.float64)
+    ref = a * a
+    weighted_multiply_buffer(a, a, out=a, threads=2)      # the same buffer three times
+    assert np.array_equal(a, ref)
+    b = np.arange(12, dtype=np.int64)
+    ref = b.copy()
+    weighted_multiply_buffer(b[2:], b[:-2], out=b[1:-1])  # out overlaps both, differently
+    np.multiply(ref[2:], ref[:-2], out=ref[1:-1])
+    assert np.array_equal(b, ref)

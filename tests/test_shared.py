@@ -514,3 +514,16 @@ def test_segment_write_words_and_release():
     seg.close()
     with pytest.raises(ValueError):
         seg.write(0, b"x")
+
+
+def test_bounded_semaphore_zero_like_multiprocessing():
+    import multiprocessing as mp
+    for make in (pp.BoundedSemaphore, mp.BoundedSemaphore):
+        s = make(0)
+        assert s.get_value() == 0
+        assert s.acquire(False) is False
+        assert s.acquire(timeout=0.01) is False
+        with pytest.raises(ValueError):
+            s.release()
+    with pytest.raises(OSError):
+        pp.BoundedSemaphore(-1)

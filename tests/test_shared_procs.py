@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 
 import numpy as np
@@ -333,3 +334,108 @@ def test_empty_arrays():
     a, r = pp.Array("i", 0), pp.RawArray("d", [])
     assert len(a) == 0 and a[:] == [] and np.asarray(a).shape == (0,) and r[:] == []
     assert pickle.loads(pickle.dumps(a))[:] == []
+
+
+# ---- a process that dies inside Condition.wait() / Barrier.wait() (issue 8, point 3) ----
+
+def _cond_waiter(cond):
+    with cond:
+        cond.wait()          # killed here
+
+
+def _barrier_party(barrier, results, i):
+    try:
+        barrier.wait()
+        results[i] = 1       # passed: wrong, a party is dead
+    except threading.BrokenBarrierError:
+        results[i] = 2
+
+
+def _sleepers(cond):
+    return cond._sleeping_count._get_value() - cond._woken_count._get_value()
+
+
+def _until(pred, limit=20.0):
+    end = time.monotonic() + limit
+    while not pred():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def _kill(p):
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    assert p.exitcode == -signal.SIGKILL
+
+
+def test_notify_skips_a_waiter_killed_in_wait():
+    ctx = mp.get_context("fork")
+    cond = pp.Condition()
+    p = ctx.Process(target=_cond_waiter, args=(cond,))
+    p.start()
+    _until(lambda: _sleepers(cond) == 1)
+    _kill(p)
+    # multiprocessing's notify() waits forever for the dead waiter to wake, holding the lock;
+    # here it returns (within about one 50 ms slice), and the lock and condition still work.
+    with cond:
+        cond.notify()
+    with cond:
+        cond.notify_all()
+    live = ctx.Process(target=_cond_waiter, args=(cond,))
+    live.start()
+    try:
+        _until(lambda: _sleepers(cond) == 1)
+        with cond:
+            cond.notify()
+        live.join(20)
+        assert live.exitcode == 0    # the live waiter was woken by that notify
+    finally:
+        if live.is_alive():
+            live.kill()
+            live.join()
+
+
+def test_barrier_with_a_party_killed_in_wait_breaks():
+    ctx = mp.get_context("fork")
+    barrier = pp.Barrier(3, timeout=2)
+    results = pp.RawArray("i", 3)
+    victim = ctx.Process(target=_barrier_party, args=(barrier, results, 0))
+    victim.start()
+    _until(lambda: barrier.n_waiting == 1)
+    _kill(victim)
+    survivors = [ctx.Process(target=_barrier_party, args=(barrier, results, i)) for i in (1, 2)]
+    for s in survivors:
+        s.start()
+    try:
+        for s in survivors:
+            s.join(20)
+            assert s.exitcode == 0
+        assert list(results) == [0, 2, 2]   # both survivors got BrokenBarrierError
+        assert barrier.broken
+    finally:
+        for s in survivors:
+            if s.is_alive():
+                s.kill()
+                s.join()
+
+
+def test_barrier_timeout_with_a_dead_party_raises():
+    # Only one survivor arrives: its timeout breaks the barrier, and the notify_all of
+    # _break() must not wait for the dead party.
+    ctx = mp.get_context("fork")
+    barrier = pp.Barrier(3, timeout=1)
+    results = pp.RawArray("i", 3)
+    victim = ctx.Process(target=_barrier_party, args=(barrier, results, 0))
+    victim.start()
+    _until(lambda: barrier.n_waiting == 1)
+    _kill(victim)
+    survivor = ctx.Process(target=_barrier_party, args=(barrier, results, 1))
+    survivor.start()
+    survivor.join(20)
+    try:
+        assert survivor.exitcode == 0
+        assert results[1] == 2
+    finally:
+        if survivor.is_alive():
+            survivor.kill()
+            survivor.join()

@@ -1,0 +1,86 @@
+/* util.h: small GIL-free helpers shared by channel.c and sync.c (clock, futex, cpu-relax,
+ * /proc/<pid>/stat). Internal; every function is static inline so each file gets its own. */
+#ifndef PP_UTIL_H
+#define PP_UTIL_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+/* CLOCK_MONOTONIC in nanoseconds. */
+static inline int64_t
+pp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* One pause of a spin loop (lets the sibling hyper-thread run). */
+static inline void
+pp_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Sleeps while *word == expected, for at most ns nanoseconds (shared futex: the word may be
+ * in memory mapped by several processes). -1 with errno (EAGAIN, ETIMEDOUT, EINTR) or 0. */
+static inline int
+pp_futex_wait(_Atomic uint32_t *word, uint32_t expected, int64_t ns)
+{
+    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000LL),
+                          .tv_nsec = (long)(ns % 1000000000LL)};
+    return (int)syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+
+/* Wakes up to n sleepers on word. */
+static inline void
+pp_futex_wake(_Atomic uint32_t *word, int n)
+{
+    (void)syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* Reads the state letter and start time (clock ticks since boot) of process pid from
+ * /proc/<pid>/stat; -1 when it does not exist (or cannot be read). */
+static inline int
+pp_proc_stat(pid_t pid, char *state, unsigned long long *start)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return -1;
+    }
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) {
+        return -1;
+    }
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')'); /* the command name may contain anything but ends here */
+    if (p == NULL || p[1] != ' ') {
+        return -1;
+    }
+    *state = p[2];
+    p += 3;
+    for (int field = 4; field < 22 && p != NULL; field++) { /* starttime is field 22 */
+        p = strchr(p + 1, ' ');
+    }
+    *start = p != NULL ? strtoull(p + 1, NULL, 10) : 0;
+    return 0;
+}
+
+#endif /* PP_UTIL_H */
