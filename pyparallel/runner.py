@@ -308,15 +308,27 @@ def run_commands(cmds: Iterable[str], jobs: int | None = None, timeout: float | 
                 job = start(index)
                 out, err = job.wait()
                 rc = job.proc.returncode
+                result = CommandResult(index, job.command, rc, out, err,
+                                       time.monotonic() - job.started, job.timed_out,
+                                       job.killed and not job.timed_out)
                 with lock:
                     del running[index]
-                done.put(CommandResult(index, job.command, rc, out, err,
-                                       time.monotonic() - job.started, job.timed_out,
-                                       job.killed and not job.timed_out))
+                if not result.ok and not keep_going:
+                    # here, not in the caller's thread: this thread must not take the
+                    # next command before the stop is decided
+                    if kill:
+                        stop_all()
+                    else:
+                        stop_starting()
+                done.put(result)
         except BaseException as e:  # e.g. Popen failing for want of processes or fds
             done.put(("error", e))
         finally:
             done.put(("exit",))
+
+    def stop_starting() -> None:
+        with lock:
+            state["stop"] = True
 
     def stop_all(force: bool = False) -> None:
         with lock:
@@ -335,15 +347,14 @@ def run_commands(cmds: Iterable[str], jobs: int | None = None, timeout: float | 
             t.start()
             alive += 1
         while alive:
-            item = done.get()
+            try:
+                # a bounded wait: a signal caught by another thread (raise() there) is
+                # only acted on once this thread runs Python code again
+                item = done.get(timeout=0.25)
+            except queue.Empty:
+                continue
             if isinstance(item, CommandResult):
                 results.append(item)
-                if not item.ok and not keep_going:
-                    if kill:
-                        stop_all()
-                    else:
-                        with lock:
-                            state["stop"] = True
                 if on_result is not None:
                     on_result(item)
             elif item[0] == "exit":
