@@ -86,7 +86,7 @@ def test_more_commands_than_jobs_never_exceed_jobs(tmp_path, mark):
     # each command records the number of commands running while it runs
     d = tmp_path / "running"
     d.mkdir()
-    cmd = (f"touch {d}/$$; ls {d} | wc -l >> {tmp_path}/counts; sleep 0.1; rm {d}/$$")
+    cmd = (f"touch {d}/$$; ls {d} | wc -l >> {tmp_path}/counts; sleep 0.2; rm {d}/$$")
     rs = pp.run_commands([cmd] * 12, jobs=3)
     assert all(r.ok for r in rs) and len(rs) == 12
     counts = [int(x) for x in (tmp_path / "counts").read_text().split()]
