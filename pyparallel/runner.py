@@ -601,6 +601,14 @@ def main(args, parser) -> int:
         progress.close()
         err.write("pyparallel run: interrupted; every running command was stopped\n")
         return 130
+    except BrokenPipeError:  # our stdout was closed (| head): stop, quietly
+        progress.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())  # so that the flush at exit does not fail again
+        os.close(devnull)
+        err.write("pyparallel run: standard output closed; every running command was "
+                  "stopped\n")
+        return 1
     except _Terminated:
         progress.close()
         err.write("pyparallel run: terminated; every running command was stopped\n")

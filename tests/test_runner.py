@@ -142,6 +142,18 @@ def test_child_surviving_the_shell_is_killed_at_timeout(mark, monkeypatch):
     # the mark fixture checks that the background sleep is gone too
 
 
+def test_process_escaping_the_group_does_not_hang_the_run(mark, monkeypatch):
+    monkeypatch.setattr(runner, "KILL_GRACE", 0.3)
+    try:
+        # setsid: a new session, out of the command's group, holding its stdout open
+        (r,) = pp.run_commands(["setsid sleep 30 & sleep 30"], timeout=0.3)
+        assert r.timed_out and r.returncode == -signal.SIGTERM
+        assert r.stdout == "" and "kept its output open" in r.stderr
+    finally:  # out of the runner's reach by design; the mark fixture checks the rest
+        for pid in marked_pids(mark):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_output_dir_writes_per_command_logs(tmp_path, mark):
     cmds = [f"echo out{i}; echo err{i} >&2" for i in range(11)]
     out = tmp_path / "logs"
@@ -291,6 +303,28 @@ def test_cli_tqdm_progress_counts_failures(mark):
     p = cli(["--progress", "-j", "2"], input="echo a\nexit 1\necho c\n")
     assert p.returncode == 1
     assert "3/3" in p.stderr and "failed=1" in p.stderr
+
+
+def test_cli_closed_stdout_stops_commands_quietly(tmp_path):
+    mark = uuid.uuid4().hex
+    f = tmp_path / "cmds.txt"
+    f.write_text("sleep 30\nseq 1 100000\nseq 1 100000\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pyparallel", "run", "-j", "2", str(f)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PP_RUNNER_MARK=mark))
+    try:
+        assert proc.stdout.readline() == "[2] 1\n"
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read()
+        assert proc.wait(timeout=20) == 1
+        assert "standard output closed" in err and "Traceback" not in err
+        assert wait_for(lambda: not marked_pids(mark), 5), marked_pids(mark)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
 
 
 @pytest.mark.parametrize("args, msg", [
