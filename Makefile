@@ -31,9 +31,13 @@ demo: build
 test: build
 	PYTHONFAULTHANDLER=1 $(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# bench_pool's table also goes to benchmarks/results/bench_pool.json, drawn as benchmarks/results.png.
 bench: build
 	$(VPY) benchmarks/bench_kernels.py
-	@for b in benchmarks/bench_*.py; do [ "$$b" = benchmarks/bench_kernels.py ] || $(VPY) $$b || exit 1; done
+	@mkdir -p benchmarks/results
+	$(VPY) benchmarks/bench_pool.py --json benchmarks/results/bench_pool.json
+	@for b in benchmarks/bench_*.py; do case $$b in */bench_kernels.py|*/bench_pool.py) ;; *) $(VPY) $$b || exit 1;; esac; done
+	$(VPY) benchmarks/plot_results.py benchmarks/results/bench_pool.json -o benchmarks/results.png
 
 # Memory checking: the test suite against an AddressSanitizer + UBSan build of _core
 # (detect_leaks=0: CPython itself does not free everything at exit), then back to the

@@ -239,6 +239,17 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
     return rows
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats")
@@ -269,6 +280,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"python": platform.python_version(), "cpus": os.cpu_count(),
+                       "cpu_model": _cpu_model(), "date": time.strftime("%Y-%m-%d"),
                        "usable_cpus": pyparallel.cpu_count(), "workers": args.workers,
                        "quick": args.quick, "rows": rows}, f, indent=2)
 

@@ -4,6 +4,7 @@
   that release the GIL, with bulk ``.map`` forms on a thread team.
 - :mod:`pyparallel.shared`: Value, Array, RawValue, RawArray and process-shared locks
   (drop-ins for multiprocessing's) with atomics, zero-copy numpy and pickling by handle.
+- :func:`run_commands` (and ``python -m pyparallel run``): shell commands N at a time.
 - :func:`cpu_count`: the CPUs this process may really use (affinity and cgroup quotas).
 """
 from . import _core
@@ -19,6 +20,7 @@ if _core.__version__ != __version__:  # a stale build in the tree: refuse to run
 from . import kernels  # noqa: E402
 from ._cpu import cpu_count, default_threads  # noqa: E402
 from .pool import Pool, ThreadPool  # noqa: E402
+from .runner import CommandResult, run_commands  # noqa: E402
 from .shared import (  # noqa: E402
     Array, Barrier, BoundedSemaphore, Condition, Event, Lock, RawArray, RawValue, RLock,
     Semaphore, Value,
@@ -29,3 +31,4 @@ _core.set_default_threads(default_threads())
 __all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]
+__all__ += ["run_commands", "CommandResult"]

@@ -46,3 +46,48 @@ def test_bench_pool_quick(tmp_path):
     assert all(r["vs_mp"] == 1.0 for r in mp_rows)
     assert all(r["median_s"] > 0 for r in data["rows"])
     assert "vs mp" in stdout
+
+
+def _plot(tmp_path, data, out_name="chart.png"):
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(data))
+    out = tmp_path / out_name
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "plot_results.py"), str(src),
+                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+    return proc, out
+
+
+def test_plot_results_renders_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = []
+    for w in ("W1 tiny tasks", "W8 latency"):
+        for lib, vs in (("serial", 0.2), ("pyparallel", 0.45), ("multiprocessing", 1.0),
+                        ("concurrent.futures", 2.3), ("mpire", 36.0)):
+            rows.append({"workload": w, "library": lib, "median_s": vs, "min_s": vs,
+                         "max_s": vs, "metric": 1.0, "unit": "s", "vs_mp": vs})
+    rows.append({"workload": "W8 latency", "library": "joblib (loky)", "median_s": 1.8,
+                 "min_s": 1.8, "max_s": 1.8, "metric": 1.0, "unit": "s", "vs_mp": 1.8})
+    data = {"python": "3.11.7", "cpus": 2, "usable_cpus": 2, "workers": 2, "quick": True,
+            "cpu_model": "Test CPU 9000", "date": "2026-01-02", "rows": rows}
+    proc, out = _plot(tmp_path, data)
+    assert proc.returncode == 0, proc.stderr
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    sys.path.insert(0, BENCH)
+    try:
+        import plot_results
+    finally:
+        sys.path.remove(BENCH)
+    title = plot_results.title(data, str(tmp_path / "results.json"))
+    assert "Test CPU 9000, 2 CPUs" in title and "2026-01-02" in title
+    workloads, libraries, ratio = plot_results.table(data)
+    assert workloads == ["W1 tiny tasks", "W8 latency"]
+    assert libraries == ["pyparallel", "concurrent.futures", "mpire", "joblib (loky)"]
+    assert ratio["W8 latency", "mpire"] == 36.0 and ("W1 tiny tasks", "joblib (loky)") not in ratio
+
+
+def test_plot_results_rejects_a_file_that_is_not_bench_pool_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    proc, out = _plot(tmp_path, {"rows": [{"workload": "W1"}]})
+    assert proc.returncode == 2 and "lacks library, vs_mp" in proc.stderr
+    assert not out.exists()
