@@ -19,6 +19,8 @@ if _core.__version__ != __version__:  # a stale build in the tree: refuse to run
 from . import kernels  # noqa: E402
 from ._cpu import cpu_count, default_threads  # noqa: E402
 from .pool import Pool, ThreadPool  # noqa: E402
+from ._reuse import get_reusable_pool  # noqa: E402
+from .futures import ProcessPoolExecutor  # noqa: E402
 from .shared import (  # noqa: E402
     Array, Barrier, BoundedSemaphore, Condition, Event, Lock, RawArray, RawValue, RLock,
     Semaphore, Value,
@@ -27,5 +29,6 @@ from .shared import (  # noqa: E402
 _core.set_default_threads(default_threads())
 
 __all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool"]
+__all__ += ["get_reusable_pool", "ProcessPoolExecutor"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]
