@@ -174,6 +174,10 @@ class Lease:
         self.pool = entry.pool
         self._released = False
 
+    def sole(self):
+        """Whether this is the only lease on its pool."""
+        return self._entry.leases == 1 and not self._released
+
     def release(self):
         if not self._released:
             self._released = True

@@ -185,6 +185,29 @@ def _remote_cause(exc):
     return exc
 
 
+def _translate(exc, broken=None):
+    """The pool's own failures as the executor reports them; ``broken(msg)`` is told when
+    the pool can run no more calls."""
+    if isinstance(exc, WorkerLostError):
+        err = BrokenWorkerError(f"{exc} (only this future fails: the pool goes on)")
+        err.__cause__ = exc
+        return err
+    if isinstance(exc, InitializerError):
+        msg = ("a process in the process pool failed in the initializer, the process pool "
+               f"is not usable anymore: {exc.__cause__!r}")
+        err = InitializerFailedError(msg)
+        err.__cause__ = exc.__cause__ if exc.__cause__ is not None else exc
+    elif isinstance(exc, PoolTerminatedError):
+        msg = f"the executor's pool was terminated: {exc}"
+        err = BrokenProcessPool(msg)
+        err.__cause__ = exc
+    else:
+        return _remote_cause(exc)
+    if broken is not None:
+        broken(msg)
+    return err
+
+
 class _Core:
     """Everything the executor's calls need: the pool (or lease), the held calls, the
     counters. The pool's callbacks hold this, not the executor, so an executor that is
@@ -244,7 +267,7 @@ class _Core:
 
         def failed(exc):
             future._pp_async = None
-            future.set_exception(core._translate(exc))
+            future.set_exception(_translate(exc, core._break))
             core._finished()
 
         try:
@@ -266,27 +289,6 @@ class _Core:
                 raise
             future.set_exception(e)
             self._finished()
-
-    def _translate(self, exc):
-        """The pool's own failures as the executor reports them."""
-        if isinstance(exc, WorkerLostError):
-            err = BrokenWorkerError(f"{exc} (only this future fails: the pool goes on)")
-            err.__cause__ = exc
-            return err
-        if isinstance(exc, InitializerError):
-            msg = ("a process in the process pool failed in the initializer, the process pool "
-                   f"is not usable anymore: {exc.__cause__!r}")
-            self._break(msg)
-            err = InitializerFailedError(msg)
-            err.__cause__ = exc.__cause__ if exc.__cause__ is not None else exc
-            return err
-        if isinstance(exc, PoolTerminatedError):
-            msg = f"the executor's pool was terminated: {exc}"
-            self._break(msg)
-            err = BrokenProcessPool(msg)
-            err.__cause__ = exc
-            return err
-        return _remote_cause(exc)
 
     def _break(self, msg):
         """No more calls: fail the held ones."""
