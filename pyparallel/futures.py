@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -368,7 +369,17 @@ class _Core:
 
 
 _exiting = False
-_cores = weakref.WeakSet()
+_cores = weakref.WeakSet()  # this process's executors (a forked child starts with none)
+
+
+def _forget_cores():
+    # A forked child (a pool worker, say) must not wait at its exit for its parent's
+    # executors, whose copies it inherited with their counters frozen.
+    global _cores
+    _cores = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_cores)
 
 
 def _at_exit():
