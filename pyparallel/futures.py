@@ -215,10 +215,10 @@ class _Core:
     dropped without shutdown is collected (and shuts down without waiting, as the stdlib's
     does)."""
 
-    def __init__(self, pool, lease, max_workers):
+    def __init__(self, pool, lease, max_workers, per_worker=IN_FLIGHT_PER_WORKER):
         self.pool = pool
         self.lease = lease  # None for a private pool
-        self.limit = max(1, IN_FLIGHT_PER_WORKER * max_workers)
+        self.limit = max(1, per_worker * max_workers)
         self.lock = threading.Lock()
         self.held = collections.deque()  # (future, call, args, kwargs, decode)
         self.in_flight = 0

@@ -56,7 +56,7 @@ from concurrent.futures.process import _ExceptionWithTraceback
 
 from . import _reuse
 from ._cpu import cpu_count
-from .futures import _translate
+from .futures import Future, _Core
 from .pool import Pool
 
 __all__ = ["PyParallelBackend", "register"]
@@ -152,6 +152,7 @@ class PyParallelBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reuse = reuse
         self._pool = None
         self._lease = None
+        self._core = None
         self.parallel = None
 
     # -- sizing --
@@ -220,13 +221,16 @@ class PyParallelBackend(AutoBatchingMixin, ParallelBackendBase):
             self._pool = self._lease.pool
         else:
             self._pool = Pool(*args)
+        # One batch per worker at a time: the pool queues a second one in a worker's ring,
+        # where it would wait behind a long batch while another worker is free.
+        self._core = _Core(self._pool, None, n_jobs, per_worker=1)
         self.parallel = parallel
         self._n_jobs = n_jobs
         return n_jobs
 
     def _let_go(self, kill=False):
         pool, lease = self._pool, self._lease
-        self._pool = self._lease = None
+        self._pool = self._lease = self._core = None
         if pool is None:
             return
         if lease is None:
@@ -252,43 +256,30 @@ class PyParallelBackend(AutoBatchingMixin, ParallelBackendBase):
     # -- tasks --
 
     def submit(self, func, callback=None):
-        """Run joblib's batch ``func`` in a worker; ``callback`` gets the outcome."""
-        pool = self._pool
-        if pool is None:
+        """Run joblib's batch ``func`` in a worker; returns a Future, ``callback(future)``
+        is called when it is done (as with loky)."""
+        core = self._core
+        if core is None:
             raise RuntimeError("the pyparallel backend is not configured")
+        future = Future()
+        if callback is not None:
+            future.add_done_callback(callback)
         try:
-            return pool.apply_async(_Task(func), (), {}, callback, callback)
-        except Exception as e:
-            # Could not pickle the batch (or the pool is gone): fail this batch through the
-            # callback, as a completed job would, so that Parallel raises it.
-            if callback is not None:
-                callback(e)
-            return _FailedJob(e)
+            core.submit(future, _Task(func), (), {}, False)
+        except Exception as e:  # the pool can take no more batches
+            if not future.done():
+                future.set_exception(e)
+        return future
 
     def apply_async(self, func, callback=None):  # joblib 1.4
         return self.submit(func, callback)
 
-    def retrieve_result_callback(self, out):
+    def retrieve_result_callback(self, future):
         """The batch's results, or its exception (with the worker's traceback as cause)."""
-        if type(out) is tuple:
-            ok, value = out
-            if ok:
-                return value
-            raise value
-        raise _translate(out)
-
-
-class _FailedJob:
-    """The job of a batch that could not be sent."""
-
-    def __init__(self, exc):
-        self._exc = exc
-
-    def get(self, timeout=None):
-        raise self._exc
-
-    def ready(self):
-        return True
+        ok, value = future.result()
+        if ok:
+            return value
+        raise value
 
 
 def register(name="pyparallel", make_default=False):
