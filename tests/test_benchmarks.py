@@ -46,3 +46,12 @@ def test_bench_pool_quick(tmp_path):
     assert all(r["vs_mp"] == 1.0 for r in mp_rows)
     assert all(r["median_s"] > 0 for r in data["rows"])
     assert "vs mp" in stdout
+
+
+def test_bench_fronts_quick(tmp_path):
+    stdout, data = run_bench("bench_fronts.py", tmp_path, 300)
+    cases = " ".join(r["case"] for r in data["rows"])
+    for word in ("Parallel(n_jobs=2)", "round trip", "map over", "get_reusable_pool"):
+        assert word in cases
+    assert all(r["pyparallel"] > 0 and r["reference"] > 0 for r in data["rows"])
+    assert "speedup" in stdout
