@@ -21,6 +21,8 @@ from . import kernels  # noqa: E402
 from ._cpu import cpu_count, default_threads  # noqa: E402
 from .pool import Pool, ThreadPool  # noqa: E402
 from .runner import CommandResult, run_commands  # noqa: E402
+from ._reuse import get_reusable_pool  # noqa: E402
+from .futures import ProcessPoolExecutor  # noqa: E402
 from .shared import (  # noqa: E402
     Array, Barrier, BoundedSemaphore, Condition, Event, Lock, RawArray, RawValue, RLock,
     Semaphore, Value,
@@ -29,6 +31,7 @@ from .shared import (  # noqa: E402
 _core.set_default_threads(default_threads())
 
 __all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool"]
+__all__ += ["get_reusable_pool", "ProcessPoolExecutor"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]
 __all__ += ["run_commands", "CommandResult"]

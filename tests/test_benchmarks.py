@@ -91,3 +91,12 @@ def test_plot_results_rejects_a_file_that_is_not_bench_pool_json(tmp_path):
     proc, out = _plot(tmp_path, {"rows": [{"workload": "W1"}]})
     assert proc.returncode == 2 and "lacks library, vs_mp" in proc.stderr
     assert not out.exists()
+
+
+def test_bench_fronts_quick(tmp_path):
+    stdout, data = run_bench("bench_fronts.py", tmp_path, 300)
+    cases = " ".join(r["case"] for r in data["rows"])
+    for word in ("Parallel(n_jobs=2)", "round trip", "map over", "get_reusable_pool"):
+        assert word in cases
+    assert all(r["pyparallel"] > 0 and r["reference"] > 0 for r in data["rows"])
+    assert "speedup" in stdout
