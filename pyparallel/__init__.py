@@ -29,3 +29,9 @@ _core.set_default_threads(default_threads())
 __all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]
+
+# Communication: queues, pipes and processes (pyparallel/queues.py, pyparallel/process.py).
+from .process import Process  # noqa: E402
+from .queues import JoinableQueue, Pipe, Queue, SimpleQueue  # noqa: E402
+
+__all__ += ["Queue", "JoinableQueue", "SimpleQueue", "Pipe", "Process"]
