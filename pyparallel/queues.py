@@ -117,9 +117,28 @@ def _fd_handle(fd):
     forkserver), the fd travels with it (DupFd, as multiprocessing sends its Connections), so
     this process may close it right after start(); otherwise the receiver opens
     /proc/<pid>/fd/<fd>, and this process must hold the fd until then."""
-    if _mpctx.get_spawning_popen() is not None:
-        return (_reduction.DupFd(fd),)
+    popen = _mpctx.get_spawning_popen()
+    if popen is not None:
+        # One DupFd per fd per child (a ring can be in both ends of a Pipe sent together):
+        # the child's fds_to_keep must not repeat an fd.
+        dups = _spawn_dups.setdefault(popen, {})
+        if fd not in dups:
+            dups[fd] = _reduction.DupFd(fd)
+        return (dups[fd],)
     return (os.getpid(), fd)
+
+
+_spawn_dups = weakref.WeakKeyDictionary()   # spawning Popen -> {fd: DupFd}
+
+
+def _detach_once(dup):
+    """The fd a DupFd brought, or None when this process already took it (the same DupFd
+    unpickles once per use but owns one fd)."""
+    if getattr(dup, "_pp_taken", False):
+        return None
+    fd = dup.detach()
+    dup._pp_taken = True
+    return fd
 
 
 def _ring_handle(ref):
@@ -129,12 +148,12 @@ def _ring_handle(ref):
 def _attach_ring(handle):
     fdh, ino = handle
     ref = _rings.get(ino)
+    fd = _detach_once(fdh[0]) if len(fdh) == 1 else None
     if ref is not None:
-        if len(fdh) == 1:
-            os.close(fdh[0].detach())
+        if fd is not None:
+            os.close(fd)
         return ref
     if len(fdh) == 1:
-        fd = fdh[0].detach()
         try:
             ring = _core.Ring.attach(os.getpid(), fd, ino)
         finally:
