@@ -69,7 +69,8 @@ class Process(_mpprocess.BaseProcess):
 
     def start(self):
         ctx = _resolve_context(self._pp_context)
-        if ctx.get_start_method() != "fork" and self._target is not None and not (
+        # (after a start, the stdlib deletes _target; its start() then says "twice")
+        if ctx.get_start_method() != "fork" and getattr(self, "_target", None) is not None and not (
                 _picklable(self._target) and _picklable((self._args, self._kwargs))):
             self._target = _ByValue(self._target, self._args, self._kwargs)
             self._args, self._kwargs = (), {}
