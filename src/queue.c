@@ -103,7 +103,7 @@ typedef struct {
     uint64_t magic;
     uint64_t window;
     uint64_t heap_base;
-    _Atomic uint64_t heap_next; /* next heap file offset; only grows */
+    _Atomic uint64_t heap_next;  /* next heap file offset; only grows */
     _Atomic uint64_t recoveries; /* locks freed from dead owners (diagnostics) */
     char pad0[24];
     pp_qlock plock;
@@ -583,7 +583,8 @@ pp_heap_write(RingObject *r, pp_parts *p, uint64_t *off_out, uint64_t *len_out, 
         *err = errno;
         return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
     }
-    char *dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, (off_t)off);
+    char *dst =
+        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
     if (dst == MAP_FAILED) {
         *err = errno;
         pp_ring_punch(r, off, len);
@@ -825,7 +826,8 @@ pp_ring_tryget(RingObject *r, pp_got *g)
     memcpy(g->lens, lens, (size_t)n * sizeof(uint64_t));
     if (heap) {
         uint64_t hoff = words[0], hlen = words[1];
-        char *addr = mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, (off_t)hoff);
+        char *addr =
+            mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)hoff);
         if (addr == MAP_FAILED) {
             int err = errno;
             pp_q_unlock(&h->glock);
