@@ -35,3 +35,9 @@ __all__ += ["get_reusable_pool", "ProcessPoolExecutor"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]
 __all__ += ["run_commands", "CommandResult"]
+
+# Communication: queues, pipes and processes (pyparallel/queues.py, pyparallel/process.py).
+from .process import Process  # noqa: E402
+from .queues import JoinableQueue, Pipe, Queue, SimpleQueue  # noqa: E402
+
+__all__ += ["Queue", "JoinableQueue", "SimpleQueue", "Pipe", "Process"]

@@ -1,6 +1,7 @@
 /* module.c: pyparallel._core registration only. Multi-phase init (PEP 489) with module state;
  * each concern's file adds its own types and functions from its exec hook. */
 #include "pp.h"
+#include "queue.h"
 
 PyDoc_STRVAR(pp_set_default_threads_doc,
              "set_default_threads($module, n, /)\n--\n\n"
@@ -59,6 +60,9 @@ pp_exec(PyObject *module)
     if (pp_shm_exec(module, st) < 0 || pp_sync_exec(module, st) < 0 ||
         pp_channel_exec(module, st) < 0 || PyModule_AddFunctions(module, pp_codec_methods) < 0 ||
         PyModule_AddFunctions(module, pp_forkutil_methods) < 0) {
+        return -1;
+    }
+    if (pp_queue_exec(module, st) < 0) {
         return -1;
     }
     return 0;

@@ -1,0 +1,1222 @@
+/* queue.c: Ring, the many-producer many-consumer shared-memory queue under pyparallel's Queue,
+ * JoinableQueue, SimpleQueue and Pipe, and RingBlock, a received big message read in place.
+ *
+ * Layout. One memfd (nothing in /dev/shm) per ring, mapped whole by every process that uses it:
+ *   [header page][ring window: W bytes, sparse][heap: one region per big message, sparse]
+ * The window is virtual (4 GiB by default): memory exists only where messages are. Consumers
+ * give consumed memory back to the kernel in blocks (fallocate PUNCH_HOLE), so a ring costs
+ * what its pending messages take, not its window.
+ *
+ * Records. A message is one 8-aligned record at `tail`: {u32 size, u8 kind, u8 tag, u16 nparts}
+ * then the u64 length of each part (the pickle, then its out-of-band buffers). INLINE records
+ * carry the parts' bytes after the lengths. A message bigger than PP_Q_INLINE_MAX goes to a
+ * heap region of its own at a never-reused file offset; its HEAP record carries {offset, length}
+ * and the consumer maps that region and reads the buffers in place (zero-copy for numpy); the
+ * region is punched out when the last view of it dies. A record that would cross the end of
+ * the window is preceded by a PAD record that sends the reader back to offset 0.
+ *
+ * Commit protocol (the state is consistent at every instruction a process can die at):
+ *   - P = tail position << 30 | puts mod 2^30, written only by producers under the put lock,
+ *     G = head position << 30 | gets mod 2^30, written only by consumers under the get lock.
+ *     Each is changed by ONE atomic store, after the record is fully written (put) or fully
+ *     copied out (get). A process that dies before that store changed nothing anyone can see
+ *     (its partial bytes lie beyond tail and are overwritten); one that dies after it finished
+ *     the operation. qsize() = puts - gets is therefore exact at every point.
+ *   - F (freed position, block-aligned, F <= head) is advanced by the get-lock holder after it
+ *     punched the blocks below head; producers count free space from F, so they never write a
+ *     block that is being punched. A consumer that dies between committing G and advancing F
+ *     leaves F behind; the next get catches it up (punching twice is harmless).
+ *   - Locks are futex words holding the owner's pid. A waiter that slept PP_Q_LOCK_SLICE_NS
+ *     checks the owner; if it is dead (or a zombie), the waiter frees the lock with one
+ *     compare-exchange. No repair is ever needed, because nothing is committed under a lock
+ *     except by the single store above.
+ *   - The JoinableQueue count is done mod 2^30 (task_done() calls): unfinished = puts - done, so
+ *     a producer killed mid-put can never leave join() waiting for an item that never arrived.
+ *   - A heap region is written before its record is committed; a producer that dies in between
+ *     leaks that region's pages until the ring itself is freed (the one message in flight).
+ * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
+ * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
+ * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
+ * caller checks signals (Ctrl-C) between slices. The GIL is released only to wait; records
+ * are read and written with the GIL held, and only non-GC objects (bytes, bytearray,
+ * RingBlock) are allocated under a ring lock, so no Python code can run while one is held.
+ *
+ * Copied from sync.c as statics for now (pp_now_ns, futex wait/wake, pid liveness, the cached
+ * pid); they are to move into a shared header. */
+#define _GNU_SOURCE
+#include "queue.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef FALLOC_FL_KEEP_SIZE
+#define FALLOC_FL_KEEP_SIZE 0x01
+#endif
+#ifndef FALLOC_FL_PUNCH_HOLE
+#define FALLOC_FL_PUNCH_HOLE 0x02
+#endif
+
+#define PP_Q_MAGIC 0x7070717565756531ULL /* "ppqueue1" */
+#define PP_Q_DATA_OFF 4096               /* the header page */
+#define PP_Q_WINDOW_DEFAULT (1ULL << 32)
+#define PP_Q_BLOCK (256u * 1024u) /* consumed window memory is given back in these units */
+#define PP_Q_INLINE_MAX 65536     /* bigger messages get a heap region */
+#define PP_Q_CNT_BITS 30
+#define PP_Q_CNT_MASK ((1ULL << PP_Q_CNT_BITS) - 1)
+#define PP_Q_POS_MASK ((1ULL << 34) - 1) /* positions are mod 2^34 >= 2 * the largest window */
+#define PP_Q_SLICE_NS 50000000LL         /* longest sleep between signal checks */
+#define PP_Q_LOCK_SLICE_NS 5000000LL     /* a lock waiter checks the owner this often */
+#define PP_Q_SPIN_NS 20000LL             /* a waiter polls this long before it sleeps */
+#define PP_Q_MAX_PARTS 65535
+#define PP_Q_ALIGN 64 /* heap parts start on cache lines (numpy alignment) */
+
+enum { PP_REC_PAD = 1, PP_REC_INLINE = 2, PP_REC_HEAP = 3 };
+
+typedef struct {
+    uint32_t size; /* bytes after this header, a multiple of 8 */
+    uint8_t kind;
+    uint8_t tag; /* the Python layer's: pickle or raw bytes */
+    uint16_t nparts;
+} pp_qrec;
+
+typedef struct {
+    _Atomic uint32_t word; /* owner pid, 0 when free */
+    _Atomic uint32_t waiters;
+} pp_qlock;
+
+typedef struct {
+    uint64_t magic;
+    uint64_t window;
+    uint64_t heap_base;
+    _Atomic uint64_t heap_next;  /* next heap file offset; only grows */
+    _Atomic uint64_t recoveries; /* locks freed from dead owners (diagnostics) */
+    char pad0[24];
+    pp_qlock plock;
+    _Atomic uint64_t P;
+    _Atomic uint32_t put_seq;     /* futex: bumped after each put */
+    _Atomic uint32_t get_waiters; /* consumers asleep on put_seq */
+    char pad1[40];
+    pp_qlock glock;
+    _Atomic uint64_t G;
+    _Atomic uint64_t F;
+    _Atomic uint32_t get_seq;     /* futex: bumped after each get */
+    _Atomic uint32_t put_waiters; /* producers asleep on get_seq */
+    char pad2[32];
+    _Atomic uint32_t done; /* task_done() calls mod 2^30; futex for join() */
+    _Atomic uint32_t join_waiters;
+} pp_qhdr;
+
+typedef struct {
+    PyObject_HEAD
+    int fd;
+    char *base; /* the whole mapping */
+    size_t maplen;
+    pp_qhdr *h;
+    char *data; /* the window */
+    uint64_t window;
+    unsigned long long ino;
+    PyObject *block_type; /* RingBlock, for big messages */
+} RingObject;
+
+typedef struct {
+    PyObject_HEAD
+    RingObject *ring; /* strong: keeps the fd open for the punch at the end */
+    char *addr;
+    size_t len;
+    uint64_t off;
+    Py_ssize_t exports;
+} RingBlockObject;
+
+/* ---- GIL-free helpers (copies of sync.c's) ---- */
+
+static long long
+pp_q_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int
+pp_q_futex_wait(_Atomic uint32_t *addr, uint32_t expected, long long ns)
+{
+    struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
+    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+}
+
+static void
+pp_q_futex_wake(_Atomic uint32_t *addr, int n)
+{
+    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);
+}
+
+/* True when process `pid` is gone or a zombie (it can never release what it holds). */
+static int
+pp_q_pid_dead(uint32_t pid)
+{
+    if (kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
+        return 1;
+    }
+    char path[64], buf[256];
+    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
+    FILE *f = fopen(path, "re");
+    if (f == NULL) {
+        return errno == ENOENT;
+    }
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *paren = strrchr(buf, ')');
+    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
+/* This process's pid, cached (every lock operation needs it). Process-wide by nature, so a
+ * static, reset in a forked child by a pthread_atfork handler installed once. */
+static _Atomic uint32_t pp_q_cached_pid;
+static pthread_once_t pp_q_pid_once = PTHREAD_ONCE_INIT;
+
+static void
+pp_q_pid_reset(void)
+{
+    atomic_store_explicit(&pp_q_cached_pid, (uint32_t)getpid(), memory_order_relaxed);
+}
+
+static void
+pp_q_pid_init(void)
+{
+    pp_q_pid_reset();
+    (void)pthread_atfork(NULL, NULL, pp_q_pid_reset);
+}
+
+static inline uint32_t
+pp_q_getpid(void)
+{
+    return atomic_load_explicit(&pp_q_cached_pid, memory_order_relaxed);
+}
+
+static inline void
+pp_q_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* ---- locks ---- */
+
+static inline int
+pp_q_trylock(pp_qlock *l, uint32_t me)
+{
+    uint32_t z = 0;
+    return atomic_compare_exchange_strong(&l->word, &z, me);
+}
+
+static inline void
+pp_q_unlock(pp_qlock *l)
+{
+    atomic_store(&l->word, 0);
+    if (atomic_load(&l->waiters) != 0) {
+        pp_q_futex_wake(&l->word, 1);
+    }
+}
+
+/* Waits (GIL released) until the lock looks free, freeing it when its owner died. PP_OK means
+ * "try again", PP_ERR_TIMEOUT that the deadline (< 0: none) passed. */
+static pp_status
+pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
+{
+    for (int i = 0; i < 256; i++) {
+        if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
+            return PP_OK;
+        }
+        pp_q_pause();
+    }
+    uint32_t owner = atomic_load(&l->word);
+    if (owner == 0) {
+        return PP_OK;
+    }
+    long long now = pp_q_now_ns();
+    if (deadline >= 0 && now >= deadline) {
+        return PP_ERR_TIMEOUT;
+    }
+    long long ns = PP_Q_LOCK_SLICE_NS;
+    if (deadline >= 0 && deadline - now < ns) {
+        ns = deadline - now;
+    }
+    atomic_fetch_add(&l->waiters, 1);
+    int r = pp_q_futex_wait(&l->word, owner, ns);
+    int err = errno;
+    atomic_fetch_sub(&l->waiters, 1);
+    if (r < 0 && err == ETIMEDOUT && owner != pp_q_getpid() && pp_q_pid_dead(owner)) {
+        /* Nothing is half-committed under a lock (see the protocol above): just free it. */
+        if (atomic_compare_exchange_strong(&l->word, &owner, 0)) {
+            atomic_fetch_add(&h->recoveries, 1);
+            pp_q_futex_wake(&l->word, INT_MAX);
+        }
+    }
+    return PP_OK;
+}
+
+/* Waits (GIL released) until *word differs from `seen`, a slice ends, or the deadline passes
+ * (PP_ERR_TIMEOUT). Spins briefly first: a reply often arrives within microseconds. */
+static pp_status
+pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
+{
+    long long now = pp_q_now_ns();
+    long long spin_end = now + PP_Q_SPIN_NS;
+    if (deadline >= 0 && deadline < spin_end) {
+        spin_end = deadline;
+    }
+    while (now < spin_end) {
+        for (int i = 0; i < 64; i++) {
+            if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+                return PP_OK;
+            }
+            pp_q_pause();
+        }
+        now = pp_q_now_ns();
+    }
+    if (deadline >= 0 && now >= deadline) {
+        return PP_ERR_TIMEOUT;
+    }
+    long long ns = PP_Q_SLICE_NS;
+    if (deadline >= 0 && deadline - now < ns) {
+        ns = deadline - now;
+    }
+    atomic_fetch_add(waiters, 1);
+    int r = pp_q_futex_wait(word, seen, ns);
+    int err = errno;
+    atomic_fetch_sub(waiters, 1);
+    if (r < 0 && err == EINTR) {
+        return PP_ERR_INTERRUPT;
+    }
+    return PP_OK;
+}
+
+static inline void
+pp_q_bump(_Atomic uint32_t *word, _Atomic uint32_t *waiters, int n)
+{
+    atomic_fetch_add(word, 1);
+    if (atomic_load(waiters) != 0) {
+        pp_q_futex_wake(word, n);
+    }
+}
+
+/* Deadline in CLOCK_MONOTONIC ns for a timeout in seconds (< 0: none). */
+static long long
+pp_q_deadline(double timeout)
+{
+    if (timeout < 0) {
+        return -1;
+    }
+    if (timeout > 1e9) {
+        timeout = 1e9;
+    }
+    return pp_q_now_ns() + (long long)(timeout * 1e9);
+}
+
+static inline uint64_t
+pp_q_round(uint64_t n, uint64_t a)
+{
+    return (n + a - 1) / a * a;
+}
+
+static inline uint64_t
+pp_q_count(uint64_t P, uint64_t G)
+{
+    return ((P & PP_Q_CNT_MASK) - (G & PP_Q_CNT_MASK)) & PP_Q_CNT_MASK;
+}
+
+/* ---- Ring ---- */
+
+static int
+pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
+{
+    struct stat sb;
+    if (fstat(fd, &sb) < 0) {
+        return -1;
+    }
+    self->ino = (unsigned long long)sb.st_ino;
+    if (!create) {
+        pp_qhdr probe;
+        if (pread(fd, &probe, sizeof(probe), 0) != (ssize_t)sizeof(probe) ||
+            probe.magic != PP_Q_MAGIC) {
+            errno = EINVAL;
+            return -1;
+        }
+        window = probe.window;
+    }
+    else if (ftruncate(fd, (off_t)(PP_Q_DATA_OFF + window)) < 0) {
+        return -1;
+    }
+    size_t len = (size_t)(PP_Q_DATA_OFF + window);
+    void *addr = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (addr == MAP_FAILED) {
+        return -1;
+    }
+    self->fd = fd;
+    self->base = addr;
+    self->maplen = len;
+    self->h = (pp_qhdr *)addr;
+    self->data = (char *)addr + PP_Q_DATA_OFF;
+    self->window = window;
+    if (create) {
+        self->h->window = window;
+        self->h->heap_base = pp_q_round(PP_Q_DATA_OFF + window, 1 << 21);
+        atomic_store(&self->h->heap_next, self->h->heap_base);
+        atomic_thread_fence(memory_order_release);
+        self->h->magic = PP_Q_MAGIC; /* last: attachers check it */
+    }
+    return 0;
+}
+
+static RingObject *
+pp_ring_alloc(PyTypeObject *type)
+{
+    PyObject *module = PyType_GetModule(type);
+    if (module == NULL) {
+        return NULL;
+    }
+    PyObject *bt = PyObject_GetAttrString(module, "RingBlock");
+    if (bt == NULL) {
+        return NULL;
+    }
+    RingObject *self = (RingObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(bt);
+        return NULL;
+    }
+    self->fd = -1;
+    self->block_type = bt; /* owned */
+    return self;
+}
+
+/* Ring(window=4 GiB): a new empty ring. `window` (a power of two, 1 MiB .. 4 GiB) is there for
+ * tests that want to see the window wrap and fill. */
+static PyObject *
+Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    unsigned long long window = PP_Q_WINDOW_DEFAULT;
+    static char *kwlist[] = {"window", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|K:Ring", kwlist, &window)) {
+        return NULL;
+    }
+    if (window < (1ULL << 20) || window > PP_Q_WINDOW_DEFAULT || (window & (window - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "window must be a power of two from 1 MiB to 4 GiB");
+        return NULL;
+    }
+    pthread_once(&pp_q_pid_once, pp_q_pid_init);
+    RingObject *self = pp_ring_alloc(type);
+    if (self == NULL) {
+        return NULL;
+    }
+#ifdef SYS_memfd_create
+    int fd = (int)syscall(SYS_memfd_create, "pyparallel-queue", MFD_CLOEXEC);
+#else
+    int fd = memfd_create("pyparallel-queue", MFD_CLOEXEC);
+#endif
+    if (fd < 0 || pp_ring_map(self, fd, 1, window) < 0) {
+        int err = errno;
+        if (fd >= 0 && self->fd < 0) {
+            close(fd);
+        }
+        Py_DECREF(self);
+        return pp_raise(PP_ERR_OS, err);
+    }
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(Ring_attach_doc, "attach($type, pid, fd, ino, /)\n--\n\n"
+                              "Maps the ring that process `pid` holds as `fd` (inode `ino`).");
+
+static PyObject *
+Ring_attach(PyObject *cls, PyObject *args)
+{
+    long pid;
+    int fd;
+    unsigned long long ino;
+    if (!PyArg_ParseTuple(args, "liK:attach", &pid, &fd, &ino)) {
+        return NULL;
+    }
+    if (fd < 0 || pid <= 0) {
+        PyErr_SetString(PyExc_ValueError, "invalid ring handle");
+        return NULL;
+    }
+    pthread_once(&pp_q_pid_once, pp_q_pid_init);
+    RingObject *self = pp_ring_alloc((PyTypeObject *)cls);
+    if (self == NULL) {
+        return NULL;
+    }
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%ld/fd/%d", pid, fd);
+    int nfd;
+    Py_BEGIN_ALLOW_THREADS
+    nfd = open(path, O_RDWR | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    if (nfd < 0) {
+        int err = errno;
+        Py_DECREF(self);
+        if (err == ENOENT || err == ESRCH) {
+            PyErr_Format(PyExc_FileNotFoundError,
+                         "queue is gone: process %ld no longer holds it (the process that sends "
+                         "a queue must keep it alive until it is received)",
+                         pid);
+            return NULL;
+        }
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    }
+    struct stat sb;
+    if (fstat(nfd, &sb) < 0 || (unsigned long long)sb.st_ino != ino ||
+        pp_ring_map(self, nfd, 0, 0) < 0) {
+        close(nfd);
+        Py_DECREF(self);
+        PyErr_Format(PyExc_FileNotFoundError,
+                     "queue is gone: fd %d of process %ld is another file now", fd, pid);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+Ring_dealloc(RingObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->base != NULL) {
+        munmap(self->base, self->maplen);
+    }
+    if (self->fd >= 0) {
+        close(self->fd);
+    }
+    Py_XDECREF(self->block_type);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* The parts of a message being put: buffers held for the duration of the call. */
+typedef struct {
+    Py_ssize_t n;
+    Py_buffer *bufs;
+    uint64_t total; /* sum of lengths */
+} pp_parts;
+
+static void
+pp_parts_release(pp_parts *p)
+{
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        PyBuffer_Release(&p->bufs[i]);
+    }
+    PyMem_Free(p->bufs);
+    p->bufs = NULL;
+    p->n = 0;
+}
+
+static int
+pp_parts_get(PyObject *seq, pp_parts *p)
+{
+    p->n = 0;
+    p->bufs = NULL;
+    p->total = 0;
+    PyObject *fast = PySequence_Fast(seq, "parts must be a sequence of buffers");
+    if (fast == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n < 1 || n > PP_Q_MAX_PARTS) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "a message has 1 to 65535 parts");
+        return -1;
+    }
+    p->bufs = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    if (p->bufs == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &p->bufs[i], PyBUF_SIMPLE) < 0) {
+            Py_DECREF(fast);
+            pp_parts_release(p);
+            return -1;
+        }
+        p->n = i + 1;
+        p->total += (uint64_t)p->bufs[i].len;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* Punches [off, off + len) of the ring's file: its memory goes back to the kernel. */
+static void
+pp_ring_punch(RingObject *r, uint64_t off, uint64_t len)
+{
+    (void)fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
+}
+
+/* Writes the parts into a new heap region (GIL released by the caller: touches no Python
+ * object, only the held buffers). */
+static pp_status
+pp_heap_write(RingObject *r, pp_parts *p, uint64_t *off_out, uint64_t *len_out, int *err)
+{
+    uint64_t need = 0;
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        need += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
+    }
+    uint64_t len = pp_q_round(need > 0 ? need : 1, 4096);
+    uint64_t off = atomic_fetch_add(&r->h->heap_next, len);
+    if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
+        *err = errno;
+        return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+    }
+    char *dst =
+        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
+    if (dst == MAP_FAILED) {
+        *err = errno;
+        pp_ring_punch(r, off, len);
+        return PP_ERR_OS;
+    }
+    uint64_t at = 0;
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        memcpy(dst + at, p->bufs[i].buf, (size_t)p->bufs[i].len);
+        at += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
+    }
+    munmap(dst, len);
+    *off_out = off;
+    *len_out = len;
+    return PP_OK;
+}
+
+enum { PP_TRY_DONE = 1, PP_TRY_FULL = 0, PP_TRY_BUSY = -2 };
+
+/* One attempt to put (GIL held, nothing allocated). heap_len == 0: inline. */
+static int
+pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t heap_off,
+               uint64_t heap_len)
+{
+    pp_qhdr *h = r->h;
+    uint64_t W = r->window;
+    uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 16 : p->total);
+    uint64_t rec = 8 + pp_q_round(body, 8);
+    uint32_t me = pp_q_getpid();
+    if (!pp_q_trylock(&h->plock, me)) {
+        return PP_TRY_BUSY;
+    }
+    uint64_t P = atomic_load_explicit(&h->P, memory_order_relaxed);
+    uint64_t G = atomic_load_explicit(&h->G, memory_order_acquire);
+    uint64_t F = atomic_load_explicit(&h->F, memory_order_acquire);
+    uint64_t tail = P >> PP_Q_CNT_BITS;
+    uint64_t off = tail & (W - 1);
+    uint64_t pad = off + rec > W ? W - off : 0;
+    uint64_t used = (tail - F) & PP_Q_POS_MASK;
+    if ((maxsize > 0 && pp_q_count(P, G) >= maxsize) || used + pad + rec > W ||
+        pp_q_count(P, G) >= (PP_Q_CNT_MASK >> 1)) {
+        pp_q_unlock(&h->plock);
+        return PP_TRY_FULL;
+    }
+    if (pad) {
+        pp_qrec *padrec = (pp_qrec *)(r->data + off);
+        padrec->size = (uint32_t)(pad - 8);
+        padrec->kind = PP_REC_PAD;
+        padrec->tag = 0;
+        padrec->nparts = 0;
+        off = 0;
+    }
+    char *at = r->data + off;
+    pp_qrec *hd = (pp_qrec *)at;
+    hd->size = (uint32_t)(rec - 8);
+    hd->kind = heap_len ? PP_REC_HEAP : PP_REC_INLINE;
+    hd->tag = (uint8_t)tag;
+    hd->nparts = (uint16_t)p->n;
+    uint64_t *words = (uint64_t *)(at + 8);
+    if (heap_len) {
+        *words++ = heap_off;
+        *words++ = heap_len;
+    }
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        words[i] = (uint64_t)p->bufs[i].len;
+    }
+    if (!heap_len) {
+        char *dst = (char *)(words + p->n);
+        for (Py_ssize_t i = 0; i < p->n; i++) {
+            memcpy(dst, p->bufs[i].buf, (size_t)p->bufs[i].len);
+            dst += p->bufs[i].len;
+        }
+    }
+    uint64_t ntail = (tail + pad + rec) & PP_Q_POS_MASK;
+    /* The commit: one store makes the record (and its count) visible. */
+    atomic_store_explicit(&h->P, (ntail << PP_Q_CNT_BITS) | ((P + 1) & PP_Q_CNT_MASK),
+                          memory_order_release);
+    pp_q_unlock(&h->plock);
+    pp_q_bump(&h->put_seq, &h->get_waiters, 1);
+    return PP_TRY_DONE;
+}
+
+PyDoc_STRVAR(Ring_put_doc,
+             "put($self, tag, parts, block, timeout, maxsize, /)\n--\n\n"
+             "Appends one message made of `parts` (buffers). False when the ring holds "
+             "`maxsize` (> 0) messages and `block` is false or `timeout` (< 0: none) passed.");
+
+static PyObject *
+Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "put() takes 5 arguments");
+        return NULL;
+    }
+    long tag = PyLong_AsLong(args[0]);
+    if (tag == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (tag < 0 || tag > 255) {
+        PyErr_SetString(PyExc_ValueError, "tag must be in 0..255");
+        return NULL;
+    }
+    int block = PyObject_IsTrue(args[2]);
+    double timeout = PyFloat_AsDouble(args[3]);
+    unsigned long long maxsize = PyLong_AsUnsignedLongLong(args[4]);
+    if (block < 0 || PyErr_Occurred()) {
+        return NULL;
+    }
+    pp_parts p;
+    if (pp_parts_get(args[1], &p) < 0) {
+        return NULL;
+    }
+    pp_qhdr *h = self->h;
+    long long deadline = block ? pp_q_deadline(timeout) : 0;
+    uint64_t heap_off = 0, heap_len = 0;
+    uint64_t inline_size = 8 + 8 * (uint64_t)p.n + p.total;
+    PyObject *result = NULL;
+    for (;;) {
+        uint32_t seen = atomic_load(&h->get_seq);
+        if (inline_size > PP_Q_INLINE_MAX && heap_len == 0) {
+            /* Big message: write it out of the lock, once there is room for it. */
+            uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
+            if (maxsize == 0 || pp_q_count(P, G) < maxsize) {
+                pp_status st;
+                int err = 0;
+                Py_BEGIN_ALLOW_THREADS
+                st = pp_heap_write(self, &p, &heap_off, &heap_len, &err);
+                Py_END_ALLOW_THREADS
+                if (st != PP_OK) {
+                    pp_raise(st, err);
+                    goto done;
+                }
+            }
+        }
+        int r = PP_TRY_FULL;
+        if (inline_size <= PP_Q_INLINE_MAX || heap_len != 0) {
+            r = pp_ring_tryput(self, (int)tag, &p, maxsize, heap_off, heap_len);
+        }
+        if (r == PP_TRY_DONE) {
+            heap_len = 0; /* the region belongs to the message now */
+            result = Py_NewRef(Py_True);
+            goto done;
+        }
+        pp_status st;
+        if (r == PP_TRY_BUSY) {
+            Py_BEGIN_ALLOW_THREADS
+            st = pp_q_lock_wait(h, &h->plock, block ? deadline : -1);
+            Py_END_ALLOW_THREADS
+        }
+        else if (!block) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            st = pp_q_wait_word(&h->get_seq, seen, &h->put_waiters, deadline);
+            Py_END_ALLOW_THREADS
+        }
+        if (st == PP_ERR_TIMEOUT) {
+            result = Py_NewRef(Py_False);
+            goto done;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            goto done;
+        }
+    }
+done:
+    if (heap_len != 0) {
+        pp_ring_punch(self, heap_off, heap_len);
+    }
+    pp_parts_release(&p);
+    return result;
+}
+
+/* One attempt to get (GIL held). On PP_TRY_DONE, *tag_out and the parts are set: `objs` holds
+ * nparts new bytes/bytearray objects (inline) or one RingBlock (heap), with `lens`. */
+typedef struct {
+    int tag;
+    int heap;
+    Py_ssize_t n;
+    PyObject **objs;
+    uint64_t *lens;
+} pp_got;
+
+static void
+pp_got_clear(pp_got *g)
+{
+    if (g->objs != NULL) {
+        for (Py_ssize_t i = 0; i < g->n; i++) {
+            Py_XDECREF(g->objs[i]);
+        }
+    }
+    PyMem_Free(g->objs);
+    PyMem_Free(g->lens);
+    g->objs = NULL;
+    g->lens = NULL;
+    g->n = 0;
+}
+
+static int
+pp_ring_tryget(RingObject *r, pp_got *g)
+{
+    pp_qhdr *h = r->h;
+    uint64_t W = r->window;
+    uint32_t me = pp_q_getpid();
+    if (!pp_q_trylock(&h->glock, me)) {
+        return PP_TRY_BUSY;
+    }
+    uint64_t G = atomic_load_explicit(&h->G, memory_order_relaxed);
+    uint64_t P = atomic_load_explicit(&h->P, memory_order_acquire);
+    if (pp_q_count(P, G) == 0) {
+        pp_q_unlock(&h->glock);
+        return PP_TRY_FULL; /* empty */
+    }
+    uint64_t head = G >> PP_Q_CNT_BITS;
+    uint64_t off = head & (W - 1);
+    pp_qrec *hd = (pp_qrec *)(r->data + off);
+    if (hd->kind == PP_REC_PAD) {
+        head = (head + 8 + hd->size) & PP_Q_POS_MASK;
+        off = 0;
+        hd = (pp_qrec *)r->data;
+    }
+    uint64_t *words = (uint64_t *)(hd + 1);
+    Py_ssize_t n = hd->nparts;
+    int heap = hd->kind == PP_REC_HEAP;
+    if ((hd->kind != PP_REC_INLINE && !heap) || n < 1 || off + 8 + hd->size > W) {
+        pp_q_unlock(&h->glock);
+        PyErr_SetString(PyExc_RuntimeError, "queue memory is corrupted");
+        return -1;
+    }
+    g->tag = hd->tag;
+    g->heap = heap;
+    g->objs = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+    g->lens = PyMem_Calloc((size_t)n, sizeof(uint64_t));
+    if (g->objs == NULL || g->lens == NULL) {
+        goto nomem;
+    }
+    g->n = n;
+    uint64_t *lens = words + (heap ? 2 : 0);
+    memcpy(g->lens, lens, (size_t)n * sizeof(uint64_t));
+    if (heap) {
+        uint64_t hoff = words[0], hlen = words[1];
+        char *addr =
+            mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)hoff);
+        if (addr == MAP_FAILED) {
+            int err = errno;
+            pp_q_unlock(&h->glock);
+            pp_got_clear(g);
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        /* RingBlock is not a GC type: allocating it cannot run Python code. */
+        RingBlockObject *b = (RingBlockObject *)((PyTypeObject *)r->block_type)
+                                 ->tp_alloc((PyTypeObject *)r->block_type, 0);
+        if (b == NULL) {
+            munmap(addr, hlen);
+            goto nomem;
+        }
+        b->ring = (RingObject *)Py_NewRef(r);
+        b->addr = addr;
+        b->len = hlen;
+        b->off = hoff;
+        g->objs[0] = (PyObject *)b;
+    }
+    else {
+        const char *src = (const char *)(lens + n);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            /* bytes and bytearray are not GC types either */
+            g->objs[i] = i == 0 ? PyBytes_FromStringAndSize(src, (Py_ssize_t)g->lens[i])
+                                : PyByteArray_FromStringAndSize(src, (Py_ssize_t)g->lens[i]);
+            if (g->objs[i] == NULL) {
+                goto nomem;
+            }
+            src += g->lens[i];
+        }
+    }
+    uint64_t nhead = (head + 8 + hd->size) & PP_Q_POS_MASK;
+    /* The commit. */
+    atomic_store_explicit(&h->G, (nhead << PP_Q_CNT_BITS) | ((G + 1) & PP_Q_CNT_MASK),
+                          memory_order_release);
+    /* Give back whole blocks below head (also those a dead consumer left behind). */
+    uint64_t F = atomic_load_explicit(&h->F, memory_order_relaxed);
+    while (((nhead - F) & PP_Q_POS_MASK) >= PP_Q_BLOCK) {
+        pp_ring_punch(r, PP_Q_DATA_OFF + (F & (W - 1)), PP_Q_BLOCK);
+        F = (F + PP_Q_BLOCK) & PP_Q_POS_MASK;
+        atomic_store_explicit(&h->F, F, memory_order_release);
+    }
+    pp_q_unlock(&h->glock);
+    pp_q_bump(&h->get_seq, &h->put_waiters, 1);
+    return PP_TRY_DONE;
+nomem:
+    pp_q_unlock(&h->glock);
+    pp_got_clear(g);
+    PyErr_NoMemory();
+    return -1;
+}
+
+/* (tag, [parts]) for a message taken off the ring; steals g's objects. */
+static PyObject *
+pp_got_result(pp_got *g)
+{
+    PyObject *py_parts = PyList_New(g->n);
+    PyObject *py_view = NULL, *res = NULL;
+    if (py_parts == NULL) {
+        goto error;
+    }
+    if (g->heap) {
+        py_view = PyMemoryView_FromObject(g->objs[0]);
+        if (py_view == NULL) {
+            goto error;
+        }
+        uint64_t at = 0;
+        for (Py_ssize_t i = 0; i < g->n; i++) {
+            PyObject *start = PyLong_FromUnsignedLongLong(at);
+            PyObject *stop = PyLong_FromUnsignedLongLong(at + g->lens[i]);
+            PyObject *slice = start && stop ? PySlice_New(start, stop, NULL) : NULL;
+            Py_XDECREF(start);
+            Py_XDECREF(stop);
+            if (slice == NULL) {
+                goto error;
+            }
+            PyObject *item = PyObject_GetItem(py_view, slice);
+            Py_DECREF(slice);
+            if (item == NULL) {
+                goto error;
+            }
+            PyList_SET_ITEM(py_parts, i, item); /* steals */
+            at += pp_q_round(g->lens[i], PP_Q_ALIGN);
+        }
+    }
+    else {
+        for (Py_ssize_t i = 0; i < g->n; i++) {
+            PyList_SET_ITEM(py_parts, i, g->objs[i]); /* steals */
+            g->objs[i] = NULL;
+        }
+    }
+    res = Py_BuildValue("(iN)", g->tag, py_parts); /* N steals py_parts */
+    py_parts = NULL;
+error:
+    Py_XDECREF(py_parts);
+    Py_XDECREF(py_view);
+    pp_got_clear(g);
+    return res;
+}
+
+PyDoc_STRVAR(Ring_get_doc, "get($self, block, timeout, /)\n--\n\n"
+                           "Takes the oldest message: (tag, parts), or None when the ring is "
+                           "empty and `block` is false or `timeout` (< 0: none) passed.");
+
+static PyObject *
+Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "get() takes 2 arguments");
+        return NULL;
+    }
+    int block = PyObject_IsTrue(args[0]);
+    double timeout = PyFloat_AsDouble(args[1]);
+    if (block < 0 || PyErr_Occurred()) {
+        return NULL;
+    }
+    pp_qhdr *h = self->h;
+    long long deadline = block ? pp_q_deadline(timeout) : 0;
+    for (;;) {
+        uint32_t seen = atomic_load(&h->put_seq);
+        pp_got g = {0};
+        int r = pp_ring_tryget(self, &g);
+        if (r == PP_TRY_DONE) {
+            return pp_got_result(&g);
+        }
+        if (r == -1) {
+            return NULL;
+        }
+        pp_status st;
+        if (r == PP_TRY_BUSY) {
+            Py_BEGIN_ALLOW_THREADS
+            st = pp_q_lock_wait(h, &h->glock, block ? deadline : -1);
+            Py_END_ALLOW_THREADS
+        }
+        else if (!block) {
+            Py_RETURN_NONE;
+        }
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            st = pp_q_wait_word(&h->put_seq, seen, &h->get_waiters, deadline);
+            Py_END_ALLOW_THREADS
+        }
+        if (st == PP_ERR_TIMEOUT) {
+            Py_RETURN_NONE;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+}
+
+PyDoc_STRVAR(Ring_qsize_doc, "qsize($self, /)\n--\n\nMessages in the ring (exact).");
+
+static PyObject *
+Ring_qsize(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint64_t G = atomic_load(&self->h->G);
+    uint64_t P = atomic_load(&self->h->P);
+    return PyLong_FromUnsignedLongLong(pp_q_count(P, G));
+}
+
+PyDoc_STRVAR(Ring_task_done_doc,
+             "task_done($self, /)\n--\n\n"
+             "Counts one finished task; ValueError when there is no unfinished one.");
+
+static PyObject *
+Ring_task_done(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    pp_qhdr *h = self->h;
+    uint32_t d = atomic_load(&h->done);
+    for (;;) {
+        uint64_t P = atomic_load(&h->P);
+        uint64_t unfinished = ((P & PP_Q_CNT_MASK) - d) & PP_Q_CNT_MASK;
+        if (unfinished == 0) {
+            PyErr_SetString(PyExc_ValueError, "task_done() called too many times");
+            return NULL;
+        }
+        uint32_t nd = (uint32_t)((d + 1) & PP_Q_CNT_MASK);
+        if (atomic_compare_exchange_weak(&h->done, &d, nd)) {
+            if (unfinished == 1 && atomic_load(&h->join_waiters) != 0) {
+                pp_q_futex_wake(&h->done, INT_MAX);
+            }
+            Py_RETURN_NONE;
+        }
+    }
+}
+
+PyDoc_STRVAR(Ring_unfinished_doc, "unfinished($self, /)\n--\n\n"
+                                  "Messages put and not yet marked done by task_done().");
+
+static PyObject *
+Ring_unfinished(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    uint32_t d = atomic_load(&self->h->done);
+    uint64_t P = atomic_load(&self->h->P);
+    return PyLong_FromUnsignedLongLong(((P & PP_Q_CNT_MASK) - d) & PP_Q_CNT_MASK);
+}
+
+PyDoc_STRVAR(Ring_join_doc, "join($self, timeout, /)\n--\n\n"
+                            "Waits until every message put was marked done; False on timeout.");
+
+static PyObject *
+Ring_join(RingObject *self, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    pp_qhdr *h = self->h;
+    long long deadline = pp_q_deadline(timeout);
+    for (;;) {
+        uint32_t d = atomic_load(&h->done);
+        uint64_t P = atomic_load(&h->P);
+        if ((((P & PP_Q_CNT_MASK) - d) & PP_Q_CNT_MASK) == 0) {
+            Py_RETURN_TRUE;
+        }
+        pp_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = pp_q_wait_word(&h->done, d, &h->join_waiters, deadline);
+        Py_END_ALLOW_THREADS
+        if (st == PP_ERR_TIMEOUT) {
+            Py_RETURN_FALSE;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return NULL;
+        }
+    }
+}
+
+PyDoc_STRVAR(Ring_stats_doc, "stats($self, /)\n--\n\n"
+                             "Internal counters, for tests: a dict.");
+
+static PyObject *
+Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
+{
+    pp_qhdr *h = self->h;
+    uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS), "head",
+        (unsigned long long)(G >> PP_Q_CNT_BITS), "freed", (unsigned long long)atomic_load(&h->F),
+        "puts", (unsigned long long)(P & PP_Q_CNT_MASK), "gets",
+        (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used",
+        (unsigned long long)(atomic_load(&h->heap_next) - h->heap_base), "recoveries",
+        (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
+        "put_lock", (unsigned int)atomic_load(&h->plock.word));
+}
+
+PyDoc_STRVAR(Ring_lock_doc, "_lock_for_test($self, which, pid, /)\n--\n\n"
+                            "Stores `pid` as the owner of the put (0) or get (1) lock. Tests "
+                            "use it to leave a lock held by a dead process.");
+
+static PyObject *
+Ring_lock_for_test(RingObject *self, PyObject *args)
+{
+    int which;
+    unsigned int pid;
+    if (!PyArg_ParseTuple(args, "iI:_lock_for_test", &which, &pid)) {
+        return NULL;
+    }
+    pp_qlock *l = which ? &self->h->glock : &self->h->plock;
+    atomic_store(&l->word, pid);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_get_ino(RingObject *self, void *Py_UNUSED(c))
+{
+    return PyLong_FromUnsignedLongLong(self->ino);
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"attach", Ring_attach, METH_VARARGS | METH_CLASS, Ring_attach_doc},
+    {"put", (PyCFunction)(void (*)(void))Ring_put, METH_FASTCALL, Ring_put_doc},
+    {"get", (PyCFunction)(void (*)(void))Ring_get, METH_FASTCALL, Ring_get_doc},
+    {"qsize", (PyCFunction)Ring_qsize, METH_NOARGS, Ring_qsize_doc},
+    {"task_done", (PyCFunction)Ring_task_done, METH_NOARGS, Ring_task_done_doc},
+    {"unfinished", (PyCFunction)Ring_unfinished, METH_NOARGS, Ring_unfinished_doc},
+    {"join", (PyCFunction)Ring_join, METH_O, Ring_join_doc},
+    {"stats", (PyCFunction)Ring_stats, METH_NOARGS, Ring_stats_doc},
+    {"_lock_for_test", (PyCFunction)Ring_lock_for_test, METH_VARARGS, Ring_lock_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Ring_getset[] = {
+    {"ino", (getter)Ring_get_ino, NULL, "inode of the memfd (identifies the ring)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+#if PY_VERSION_HEX < 0x030C0000
+#include <structmember.h>
+#define Py_T_INT T_INT
+#define Py_READONLY READONLY
+#endif
+
+static PyMemberDef Ring_members[] = {
+    {"fd", Py_T_INT, offsetof(RingObject, fd), Py_READONLY, "the ring's fd in this process"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot Ring_slots[] = {
+    {Py_tp_new, Ring_new},
+    {Py_tp_dealloc, Ring_dealloc},
+    {Py_tp_methods, Ring_methods},
+    {Py_tp_getset, Ring_getset},
+    {Py_tp_members, Ring_members},
+    {Py_tp_doc, (void *)"Ring(window=4 GiB)\n--\n\nA shared-memory message queue (see queue.c)."},
+    {0, NULL},
+};
+
+static PyType_Spec Ring_spec = {
+    .name = "pyparallel._core.Ring",
+    .basicsize = sizeof(RingObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Ring_slots,
+};
+
+/* ---- RingBlock: a big message's heap region, mapped; freed with its last view ---- */
+
+static void
+RingBlock_dealloc(RingBlockObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->addr != NULL) {
+        munmap(self->addr, self->len);
+        pp_ring_punch(self->ring, self->off, self->len);
+    }
+    Py_XDECREF(self->ring);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int
+RingBlock_getbuffer(RingBlockObject *self, Py_buffer *view, int flags)
+{
+    if (PyBuffer_FillInfo(view, (PyObject *)self, self->addr, (Py_ssize_t)self->len, 0, flags) <
+        0) {
+        return -1;
+    }
+    self->exports++;
+    return 0;
+}
+
+static void
+RingBlock_releasebuffer(RingBlockObject *self, Py_buffer *Py_UNUSED(view))
+{
+    self->exports--;
+}
+
+static PyObject *
+RingBlock_new(PyTypeObject *Py_UNUSED(type), PyObject *Py_UNUSED(a), PyObject *Py_UNUSED(k))
+{
+    PyErr_SetString(PyExc_TypeError, "RingBlock objects come from Ring.get()");
+    return NULL;
+}
+
+static PyType_Slot RingBlock_slots[] = {
+    {Py_tp_new, RingBlock_new},
+    {Py_tp_dealloc, RingBlock_dealloc},
+    {Py_bf_getbuffer, RingBlock_getbuffer},
+    {Py_bf_releasebuffer, RingBlock_releasebuffer},
+    {Py_tp_doc, (void *)"A received big message, read in place in shared memory."},
+    {0, NULL},
+};
+
+static PyType_Spec RingBlock_spec = {
+    .name = "pyparallel._core.RingBlock",
+    .basicsize = sizeof(RingBlockObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = RingBlock_slots,
+};
+
+int
+pp_queue_exec(PyObject *module, pp_state *Py_UNUSED(st))
+{
+    pthread_once(&pp_q_pid_once, pp_q_pid_init);
+    PyObject *bt = PyType_FromModuleAndSpec(module, &RingBlock_spec, NULL);
+    if (bt == NULL || PyModule_AddObjectRef(module, "RingBlock", bt) < 0) {
+        Py_XDECREF(bt);
+        return -1;
+    }
+    Py_DECREF(bt);
+    PyObject *rt = PyType_FromModuleAndSpec(module, &Ring_spec, NULL);
+    if (rt == NULL || PyModule_AddObjectRef(module, "Ring", rt) < 0) {
+        Py_XDECREF(rt);
+        return -1;
+    }
+    Py_DECREF(rt);
+    return PyModule_AddIntConstant(module, "RING_INLINE_MAX", PP_Q_INLINE_MAX);
+}

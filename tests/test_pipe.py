@@ -1,0 +1,224 @@
+"""pyparallel.Pipe: multiprocessing.connection.Connection's API and errors (CPython's
+_TestConnection cases, restated), end-of-file when the other end closes or dies, wait(),
+children under every start method, big messages, no leaked fds."""
+import gc
+import multiprocessing as mp
+import os
+import re
+import signal
+import time
+from multiprocessing.connection import wait
+
+import numpy as np
+import pytest
+
+import pyparallel as pp
+
+METHODS = [m for m in ("fork", "forkserver", "spawn") if m in mp.get_all_start_methods()]
+
+
+@pytest.fixture(params=METHODS)
+def ctx(request):
+    return mp.get_context(request.param)
+
+
+def _echo(conn, other):
+    other.close()   # under fork the child holds both ends; EOF needs the parent's end alone
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except EOFError:
+            break
+        conn.send_bytes(msg)
+    conn.close()
+
+
+def _double(conn):
+    conn.send(conn.recv() * 2)
+    conn.close()
+
+
+def _sleep_forever(conn):
+    conn.send("ready")
+    time.sleep(600)
+
+
+@pytest.fixture(params=["pp", "mp"])
+def pipe(request):
+    return pp.Pipe if request.param == "pp" else mp.Pipe
+
+
+def test_send_recv_objects_and_bytes(pipe):
+    a, b = pipe()
+    for obj in [1, "x", None, [1, (2, 3)], {"k": b"v"}, 2 ** 80]:
+        a.send(obj)
+        assert b.recv() == obj
+    a.send_bytes(b"abcdef")
+    assert b.recv_bytes() == b"abcdef"
+    a.send_bytes(b"abcdef", 2)
+    assert b.recv_bytes() == b"cdef"
+    a.send_bytes(b"abcdef", 1, 3)
+    assert b.recv_bytes() == b"bcd"
+    a.send_bytes(np.arange(4, dtype=np.int32))      # itemsize > 1: sent as its bytes
+    assert b.recv_bytes() == np.arange(4, dtype=np.int32).tobytes()
+    a.send(["mixed"])
+    assert pickle_loads(b.recv_bytes()) == ["mixed"]   # send() then recv_bytes(): a pickle
+    a.close()
+    b.close()
+
+
+def pickle_loads(data):
+    import pickle
+    return pickle.loads(data)
+
+
+def test_send_bytes_bad_ranges(pipe):
+    a, b = pipe()
+    for args, msg in [((-1,), "offset is negative"), ((10,), "buffer length < offset"),
+                      ((0, -1), "size is negative"), ((4, 4), "buffer length < offset + size")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            a.send_bytes(b"abcdef", *args)
+    assert not b.poll()
+
+
+def test_recv_bytes_into(pipe):
+    a, b = pipe()
+    a.send_bytes(b"hello")
+    buf = bytearray(10)
+    assert b.recv_bytes_into(buf) == 5 and buf[:5] == b"hello"
+    a.send_bytes(b"hi")
+    assert b.recv_bytes_into(buf, 7) == 2 and buf[7:9] == b"hi"
+    arr = np.zeros(2, dtype=np.int64)
+    a.send_bytes(b"12345678")
+    assert b.recv_bytes_into(arr) == 8 and arr.tobytes()[:8] == b"12345678"
+    a.send_bytes(b"too long for it")
+    with pytest.raises(mp.BufferTooShort) as e:
+        b.recv_bytes_into(bytearray(3))
+    assert e.value.args[0] == b"too long for it"
+    with pytest.raises(ValueError, match="negative offset"):
+        b.recv_bytes_into(buf, -1)
+    with pytest.raises(ValueError, match="offset too large"):
+        b.recv_bytes_into(buf, 11)
+
+
+def test_recv_bytes_maxlength(pipe):
+    a, b = pipe()
+    with pytest.raises(ValueError, match="negative maxlength"):
+        b.recv_bytes(-1)
+    a.send_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="bad message length"):
+        b.recv_bytes(10)
+    with pytest.raises(OSError):   # the end is no longer readable, as multiprocessing
+        b.recv_bytes()
+
+
+def test_poll_and_eof(pipe):
+    a, b = pipe()
+    assert b.poll() is False
+    assert b.poll(0.05) is False
+    a.send(1)
+    assert b.poll() is True and b.poll(None) is True
+    assert b.recv() == 1
+    a.send(2)
+    a.close()
+    assert b.recv() == 2          # drained first, then EOF
+    assert b.poll(1) is True      # end-of-file counts as readable
+    with pytest.raises(EOFError):
+        b.recv()
+    with pytest.raises(EOFError):
+        b.recv_bytes()
+
+
+def test_closed_and_one_way_errors(pipe):
+    r, w = pipe(duplex=False)
+    assert r.readable and not r.writable and w.writable and not w.readable
+    with pytest.raises(OSError, match="read-only"):
+        r.send(1)
+    with pytest.raises(OSError, match="write-only"):
+        w.recv()
+    w.close()
+    assert w.closed
+    with pytest.raises(OSError, match="handle is closed"):
+        w.send(1)
+    with pytest.raises(OSError, match="handle is closed"):
+        w.fileno()
+    w.close()   # twice is fine
+    with r:
+        pass
+    assert r.closed
+
+
+def test_send_to_closed_reader_is_broken_pipe(pipe):
+    a, b = pipe()
+    b.close()
+    with pytest.raises(BrokenPipeError):
+        for _ in range(100):
+            a.send_bytes(b"x" * 100)
+
+
+def test_wait_on_connections():
+    a, b = pp.Pipe()
+    c, d = pp.Pipe()
+    assert wait([b, d], timeout=0.05) == []
+    c.send("hi")
+    assert wait([b, d], timeout=10) == [d]
+    assert d.recv() == "hi"
+    a.close()
+    assert wait([b], timeout=10) == [b]   # EOF wakes wait() too
+
+
+def test_child_under_each_start_method(ctx):
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_double, args=(b,))
+    p.start()
+    b.close()            # allowed right after start(), as with multiprocessing.Pipe
+    a.send(21)
+    assert a.recv() == 42
+    p.join(30)
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_echo_big_messages(ctx):
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_echo, args=(b, a))
+    p.start()
+    b.close()
+    for size in (0, 1, 1000, 70_000, 3 << 20):
+        data = os.urandom(size)
+        a.send_bytes(data)
+        assert a.recv_bytes() == data
+    arr = np.random.default_rng(0).random(1 << 17)
+    a.send(arr)
+    got = a.recv()
+    assert np.array_equal(got, arr)
+    a.close()
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_eof_when_peer_is_killed():
+    a, b = pp.Pipe()
+    p = mp.get_context("fork").Process(target=_sleep_forever, args=(b,))
+    p.start()
+    b.close()
+    assert a.recv() == "ready"
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_no_leaked_fds():
+    gc.collect()
+    fds0 = len(os.listdir("/proc/self/fd"))
+    for _ in range(30):
+        a, b = pp.Pipe()
+        a.send(b"x" * 100_000)
+        b.recv()
+        a.close()
+        b.close()
+        r, w = pp.Pipe(False)
+        del r, w
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds0
