@@ -23,8 +23,9 @@ hands the pool's jobs to this module instead of the local engine::
   :data:`TARGET_TASK_SECONDS` (growing at most :data:`GROWTH` times per step, and, for a map,
   no more than its share of what is left, so that every worker gets work). Results land by
   each chunk's start, so merging changes nothing the caller sees.
-- **In flight**: ``processes`` Dask tasks at once (default: the cluster's total threads when
-  the pool starts); imap reads its input only as far as the caller's progress allows, so an
+- **In flight**: ``processes`` Dask tasks run at once (default: the cluster's total threads
+  when the pool starts), and as many again are queued on the cluster so that a worker never
+  waits for the caller's round trip between two tasks; imap reads its input only as far as the caller's progress allows, so an
   endless generator works.
 - **Big arguments** (numpy arrays, bytes-like objects of :data:`BIG_BYTES` or more, anywhere
   in the arguments) are scattered to the cluster once per pool (an array, while it lives) or
@@ -346,6 +347,9 @@ class DaskBackend:
                 client.close()
             raise
         self.processes = max(1, processes)
+        # ``processes`` tasks run, as many again wait on the cluster: a worker that finishes
+        # one starts the next at once instead of waiting for our round trip
+        self.window = 2 * self.processes
         self.lock = threading.Lock()
         self.jobs = []  # jobs with chunks not yet submitted, in order
         self.tasks = {}  # Dask key -> _Task in flight
@@ -494,14 +498,14 @@ class DaskBackend:
         fut.add_done_callback(self.done_q.put)
 
     def _pump(self, done):
-        """Submits tasks while fewer than ``processes`` are in flight."""
+        """Submits tasks while fewer than ``window`` are in flight."""
         if self.broken is not None:
             self._fail_everything(self.broken, done)
             return
         if self.lifecycle.state is State.TERMINATE:
             return
         i = 0
-        while len(self.tasks) < self.processes and i < len(self.jobs):
+        while len(self.tasks) < self.window and i < len(self.jobs):
             job = self.jobs[i]
             if job.cancelled:
                 del self.jobs[i]
