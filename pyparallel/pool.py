@@ -228,9 +228,9 @@ class Pool:
     def terminate(self):
         """Stop the workers now; pending results fail with PoolTerminatedError."""
         if self._backend is not None:
-            for token in list(self._tokens):
+            self._backend.terminate()  # pending results fail with PoolTerminatedError ...
+            for token in list(self._tokens):  # ... then the kernels on our threads stop
                 token.cancel()
-            self._backend.terminate()
 
     def join(self):
         """Wait for the workers to exit; call close() or terminate() first."""

@@ -378,3 +378,18 @@ def test_pickled_pool_is_refused():
     with pp.Pool(1) as p:
         with pytest.raises(NotImplementedError):
             pickle.dumps(p)
+
+
+def test_terminate_stops_kernels_the_pool_runs():
+    p = pp.Pool(2)
+    r = p.map_async(pp.kernels.fib, [80] * 4)  # would run for ages
+    time.sleep(0.2)
+    p.terminate()
+    p.join()
+    with pytest.raises(PoolTerminatedError):
+        r.get(5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            t.name == "pyparallel-kernel" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not [t for t in threading.enumerate() if t.name == "pyparallel-kernel"]
