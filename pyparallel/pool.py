@@ -149,11 +149,11 @@ class Pool:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if options and backend in (None, "local"):
-            raise TypeError(f"unexpected keyword arguments for the local pool: "
-                            f"{', '.join(options)}")
         if backend is None:
             backend = "dask" if "client" in options or "address" in options else "local"
+        if options and backend == "local":
+            raise TypeError(f"unexpected keyword arguments for the local pool: "
+                            f"{', '.join(options)}")
         factory = _load_backend(backend)
         if backend == "local":
             if processes is None:
