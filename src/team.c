@@ -66,8 +66,9 @@ static struct {
     unsigned long
         born;  /* generation when the latest threads were started: they wait for the next */
     bool quit; /* the threads leave at the next generation (before a fork) */
-    bool prepare_locked;    /* the atfork prepare handler holds `call` */
-    bool atfork_registered; /* guarded by `call` */
+    _Atomic unsigned long owner; /* pthread_self() of the caller holding `call`, 0 if none */
+    bool prepare_locked;         /* the atfork prepare handler holds `call` */
+    bool atfork_registered;      /* guarded by `call` */
     /* OS thread ids of the team's threads (master, OpenMP workers, helpers), so that fork
      * policy can tell them from threads that could hold a lock across fork(). */
     int ntids;
@@ -246,6 +247,7 @@ pp_team_atfork_child(void)
     pp_team.started = 0;
     pp_team.quit = false;
     pp_team.prepare_locked = false;
+    atomic_store(&pp_team.owner, 0);
     pp_team.born = pp_team.generation;
     pp_team.ntids = 0;
 }
@@ -291,23 +293,34 @@ pp_timed_wait(pthread_cond_t *cond, pthread_mutex_t *mu)
 static bool
 pp_call_lock(pp_watch *w)
 {
+    bool got = false;
     if (w == NULL) {
         pthread_mutex_lock(&pp_team.call);
-        return true;
+        got = true;
     }
-    for (;;) {
+    while (!got) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         long long ns = ts.tv_nsec + PP_TUNE_WATCH_SLICE_NS;
         ts.tv_sec += ns / 1000000000LL;
         ts.tv_nsec = ns % 1000000000LL;
         if (pthread_mutex_timedlock(&pp_team.call, &ts) == 0) {
-            return true;
+            got = true;
+            break;
         }
         if (pp_watch_poll(w)) {
             return false;
         }
     }
+    atomic_store(&pp_team.owner, (unsigned long)pthread_self());
+    return got;
+}
+
+static void
+pp_call_unlock(void)
+{
+    atomic_store(&pp_team.owner, 0);
+    pthread_mutex_unlock(&pp_team.call);
 }
 
 int
@@ -341,6 +354,14 @@ pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, v
 #else
     int want = loop.threads < PP_MAX_HELPERS ? loop.threads : PP_MAX_HELPERS;
 #endif
+    if (atomic_load(&pp_team.owner) == (unsigned long)pthread_self()) {
+        /* Re-entered from Python code that pp_watch_poll ran on this thread (a signal handler,
+         * a finalizer run by the GC) while this thread's loop holds the team: run here. */
+        for (Py_ssize_t c = 0; c < nchunks; c++) {
+            pp_loop_chunk(&loop, c);
+        }
+        return w != NULL && atomic_load(&w->stop);
+    }
     if (!pp_call_lock(w)) {
         return 1;
     }
@@ -348,7 +369,7 @@ pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, v
     int have = pp_team_grow(want);
     if (have == 0) { /* no thread could be started: run here (uninterruptibly) */
         pthread_mutex_unlock(&pp_team.mu);
-        pthread_mutex_unlock(&pp_team.call);
+        pp_call_unlock();
         for (Py_ssize_t c = 0; c < nchunks; c++) {
             pp_loop_chunk(&loop, c);
         }
@@ -372,7 +393,7 @@ pp_parallel_for(Py_ssize_t n, Py_ssize_t chunk, int threads, pp_range_fn body, v
     }
     pp_team.loop = NULL;
     pthread_mutex_unlock(&pp_team.mu);
-    pthread_mutex_unlock(&pp_team.call);
+    pp_call_unlock();
     return w != NULL && atomic_load(&w->stop);
 }
 

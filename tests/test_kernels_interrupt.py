@@ -216,3 +216,34 @@ def test_fork_after_a_kernel_sees_one_thread():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["1 0", "[6765, 10946]"]
+
+
+REENTRANT_CHILD = textwrap.dedent("""
+    import signal
+    from pyparallel import kernels
+    def handler(*args):
+        # runs inside the waiting caller's signal check, while its loop holds the team
+        print("handler", kernels.fib.map([20, 21], threads=2), flush=True)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, handler)
+    print("ready", flush=True)
+    try:
+        kernels.fib.map([70] * 4)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+""")
+
+
+def test_signal_handler_that_runs_a_kernel():
+    p = subprocess.Popen([sys.executable, "-c", REENTRANT_CHILD], stdout=subprocess.PIPE)
+    try:
+        assert _readline(p) == "ready"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        assert _readline(p, BOUND) == "handler [6765, 10946]"
+        assert _readline(p, BOUND) == "interrupted"
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
