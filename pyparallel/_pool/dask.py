@@ -122,12 +122,21 @@ def _ensure_init(token, init):
         return _worker_inits[token]
 
 
+class _Unpickler(pickle.Unpickler):
+    """Resolves the references to scattered data (persistent ids: their Dask keys)."""
+
+    def __init__(self, file, objs):
+        super().__init__(file)
+        self.objs = objs
+
+    def persistent_load(self, pid):
+        return self.objs[pid]
+
+
 def _loads_chunk(data, keys, objs):
     if not keys:
         return pickle.loads(data)
-    up = pickle.Unpickler(io.BytesIO(data))
-    up.persistent_load = objs.__getitem__
-    return up.load()
+    return _Unpickler(io.BytesIO(data), objs).load()
 
 
 def _dump_results(elapsed, out):
