@@ -494,9 +494,6 @@ def test_client_given_is_left_open(cluster):
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="pool.py rejects options before it picks the backend "
-                   "from client=/address= (its check `options and backend in (None, 'local')` "
-                   "must come after `backend = 'dask' if ...`)")
 def test_client_alone_selects_the_dask_backend(cluster):
     with Pool(client=cluster.client) as p:
         assert p.map(square, [3]) == [9]
