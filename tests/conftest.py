@@ -70,3 +70,10 @@ def _open_channels():
             pass
     return n
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Dask tests run last: importing distributed installs tblib's pickling of exceptions
+    for the whole process (SystemExit then loses its ``code`` in any pickle round trip,
+    multiprocessing's included), which would change what later tests in this process see."""
+    items.sort(key=lambda item: item.get_closest_marker("dask") is not None)

@@ -9,6 +9,7 @@ The scheduler runs with ``allowed-failures`` 0, so that a task on a worker that 
 with KilledWorker at once and the pool's own ``retries`` is the only retry layer (the default
 cluster setting, 3, reschedules such tasks itself first)."""
 import gc
+import importlib.util
 import itertools
 import multiprocessing
 import multiprocessing.pool
@@ -22,7 +23,22 @@ import time
 
 import pytest
 
-distributed = pytest.importorskip("distributed")
+if importlib.util.find_spec("distributed") is None:
+    pytest.skip("distributed is not installed", allow_module_level=True)
+
+
+class _Lazy:
+    """distributed, imported when a test first needs it (not at collection: see conftest)."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # pytest looks at every module attribute while collecting
+            raise AttributeError(name)
+        import distributed
+
+        return getattr(distributed, name)
+
+
+distributed = _Lazy()
 
 import pyparallel  # noqa: E402
 from pyparallel import Pool  # noqa: E402
