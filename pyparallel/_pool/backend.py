@@ -33,6 +33,10 @@ What a backend must guarantee:
   ``repopulate()`` (replace exited workers now).
 - ``help(result)``: called by a caller about to block on ``result``; may collect results in
   the caller's thread (a no-op is fine).
+- **Timeouts** (``job.timeout``, seconds per item; a chunk's budget is its length times it):
+  a backend whose ``supports_task_timeout`` is true fails a task that runs longer with
+  :class:`~.errors.TaskTimeoutError` naming it, replaces its worker, and goes on; Pool refuses
+  ``task_timeout`` for a backend without it.
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ class Job:
     lazy: bool = False
     single: bool = False
     ahead: int = 0  # lazy: items beyond the caller's allowed in flight (0: no bound)
+    timeout: float | None = None  # seconds per item (task_timeout), or None
     cancelled: bool = False
     extra: dict = field(default_factory=dict)  # a backend's own bookkeeping
 
