@@ -123,6 +123,7 @@ class LocalBackend:
         self.threads = max(1, cpu_count() // processes)  # each worker's share, for kernels
         self.pid = os.getpid()  # a forked copy of this engine must not touch the workers
         self.direct_fork = self.start_method == "fork" and fork.available()
+        _context.warn_fork_hazard(self.start_method)
         if self.start_method == "fork":
             inherited, names = _serialize.main_snapshot(), _serialize.names_snapshot()
         else:
