@@ -60,7 +60,7 @@ import warnings
 from . import _core, _tunables
 from ._cpu import cpu_count
 from ._pool import context as _context
-from ._pool.backend import APPLY, MAP, STARMAP, Chunk, Job, State, chunk_source
+from ._pool.backend import APPLY, BULK, MAP, STARMAP, Chunk, Job, State, chunk_source
 from ._pool import progress as _progress
 from ._pool.errors import (InitializerError, MaybeEncodingError, PoolTerminatedError,
                            RemoteTraceback, TaskCancelledError, TaskTimeoutError, TimeoutError,
@@ -106,6 +106,22 @@ def default_start_method() -> str:
 
 def _is_kernel(func, _Kernel=_core.Kernel):
     return type(func) is _Kernel and func.unary
+
+
+class _KernelBulk:
+    """A kernel's bulk path over one chunk, for a backend whose workers run kernels: one team
+    per worker process, with that process's default threads."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, items):
+        return self.kernel.map(items)
+
+    def __reduce__(self):
+        return _KernelBulk, (self.kernel,)
 
 
 def _check_chunksize(chunksize):
@@ -305,9 +321,12 @@ class Pool:
                 chunksize += 1
             chunksize = max(chunksize, 1)
         if _is_kernel(func):
-            result = self._kernel_async(func, iterable, kind, n, callback, error_callback,
-                                        timeout, sink)
-            return result
+            if getattr(self._backend, "runs_kernels_in_process", False):
+                return self._kernel_async(func, iterable, kind, n, callback, error_callback,
+                                          timeout, sink)
+            if kind == STARMAP:
+                iterable = [a[0] if len(a) == 1 else _bad_star(func, a) for a in iterable]
+            func, kind = _KernelBulk(func), BULK
         result = MapResult(self._cache, n, callback, error_callback, self._backend)
         result._chunksize = chunksize if n else 0  # as multiprocessing's MapResult has it
         if sink is not None:
@@ -382,7 +401,8 @@ class Pool:
         """``func(*args, **kwds)`` in a worker: an AsyncResult."""
         self._check_running()
         timeout = self._timeout(task_timeout)
-        if _is_kernel(func) and not kwds:
+        if _is_kernel(func) and not kwds and getattr(self._backend, "runs_kernels_in_process",
+                                                     False):
             result = ApplyResult(self._cache, callback, error_callback)
             args = tuple(args)
             self._kernel_thread(result, lambda **kw: func(*args, **kw), timeout)
@@ -422,15 +442,20 @@ class Pool:
         if chunksize is None:
             chunksize = 1
         sink = _progress.make(progress, _length(iterable))
+        kind = None
         if _is_kernel(func):
-            return _kernel_imap(func, iterable, max(chunksize, 64 * self._processes),
-                                self._processes, sink)
+            if getattr(self._backend, "runs_kernels_in_process", False):
+                return _kernel_imap(func, iterable, max(chunksize, 64 * self._processes),
+                                    self._processes, sink)
+            func, kind, chunksize = _KernelBulk(func), BULK, max(chunksize, 64)
         single = chunksize == 1
         result = cls(self._cache, self._backend, chunked=not single)
         result._progress = sink
         ahead = max(_tunables.IMAP_AHEAD_PER_WORKER * _tunables.WINDOW * self._processes,
                     _tunables.IMAP_AHEAD_MIN) * chunksize
-        job = Job(result, func, APPLY if single else MAP, chunk_source(iterable, chunksize, single),
+        if kind is None:
+            kind = APPLY if single else MAP
+        job = Job(result, func, kind, chunk_source(iterable, chunksize, single),
                   lazy=True, single=single, ahead=ahead, timeout=timeout)
         self._submit(job)
         return result

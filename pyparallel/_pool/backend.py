@@ -28,6 +28,9 @@ What a backend must guarantee:
   jobs are done. ``terminate()``: stop now; every pending result fails with
   :class:`~.errors.PoolTerminatedError`. ``join()``: wait for the workers (after either). A
   job submitted outside RUN raises ValueError("Pool not running").
+- **Native kernels**: a backend whose ``runs_kernels_in_process`` is true has Pool run
+  kernels on threads in the calling process (the local engine: no pickling); for the others
+  Pool sends BULK jobs, so each worker runs its chunks through the kernel's bulk path.
 - **Introspection**: ``processes`` (tasks that run at once), ``start_method`` (or None),
   ``workers()`` (process-like objects with ``pid``, ``is_alive()``, ``exitcode``), and
   ``repopulate()`` (replace exited workers now).
@@ -45,10 +48,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-__all__ = ["State", "Lifecycle", "Chunk", "Job", "Backend", "APPLY", "MAP", "STARMAP"]
+__all__ = ["State", "Lifecycle", "Chunk", "Job", "Backend", "APPLY", "MAP", "STARMAP", "BULK"]
 
-#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap
-APPLY, MAP, STARMAP = 0, 1, 2
+#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap; a chunk given
+#: whole to func, which returns the chunk's list of results (native kernels' bulk path)
+APPLY, MAP, STARMAP, BULK = 0, 1, 2, 3
 
 
 class State(str, enum.Enum):

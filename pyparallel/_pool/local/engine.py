@@ -113,6 +113,7 @@ class LocalBackend:
     """Worker processes on this machine (see the module docstring)."""
 
     supports_task_timeout = True
+    runs_kernels_in_process = True
 
     def __init__(self, processes, ctx, initializer, initargs, maxtasks, cache):
         _check_resources(processes)

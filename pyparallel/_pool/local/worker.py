@@ -28,6 +28,8 @@ def _run(func, args, kind):
         return list(map(func, args))
     if kind == wire.STARMAP:
         return list(itertools.starmap(func, args))
+    if kind == wire.BULK:
+        return func(list(args))
     a, kw = args
     return func(*a, **kw)
 
