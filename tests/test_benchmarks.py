@@ -100,3 +100,11 @@ def test_bench_fronts_quick(tmp_path):
         assert word in cases
     assert all(r["pyparallel"] > 0 and r["reference"] > 0 for r in data["rows"])
     assert "speedup" in stdout
+
+
+def test_bench_globals_quick(tmp_path):
+    stdout, data = run_bench("bench_globals.py", tmp_path, 300)
+    cases = {(r["library"], r["method"]) for r in data["rows"]}
+    assert ("pyparallel", "fork") in cases and ("multiprocessing", "fork") in cases
+    assert all(r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in data["rows"])
+    assert "vs mp fork" in stdout
