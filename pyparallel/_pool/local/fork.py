@@ -13,9 +13,12 @@ them itself (terminate, garbage collection, interpreter exit).
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util as _mp_util
 import os
 import select
 import signal
+import sys
 
 from ... import _core
 from ..errors import UNKNOWN_EXIT
@@ -34,15 +37,25 @@ def available() -> bool:
     return True
 
 
+#: From Python 3.12 multiprocessing's fork child runs its exit finalizers (a Queue's feeder
+#: flush among them) through atexit, around _bootstrap, instead of inside it: do the same.
+_ATEXIT_CHILD = sys.version_info >= (3, 12)
+
+
 def _child(proc, parent_pid):
     code = 1
     try:
+        if _ATEXIT_CHILD:
+            atexit._clear()
+            atexit.register(_mp_util._exit_function)
         try:
             sentinel = os.pidfd_open(parent_pid)  # multiprocessing.parent_process().is_alive()
         except OSError:
             sentinel = None
         code = proc._bootstrap(parent_sentinel=sentinel)
     finally:
+        if _ATEXIT_CHILD:
+            atexit._run_exitfuncs()
         os._exit(code)
 
 
