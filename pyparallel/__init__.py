@@ -19,7 +19,8 @@ if _core.__version__ != __version__:  # a stale build in the tree: refuse to run
 
 from . import kernels  # noqa: E402
 from ._cpu import cpu_count, default_threads  # noqa: E402
-from .pool import Pool, ThreadPool  # noqa: E402
+from .pool import (Pool, TaskTimeoutError, ThreadPool, WorkerInfo,  # noqa: E402
+                   current_worker)
 from .runner import CommandResult, run_commands  # noqa: E402
 from ._reuse import get_reusable_pool  # noqa: E402
 from .futures import ProcessPoolExecutor  # noqa: E402
@@ -30,7 +31,8 @@ from .shared import (  # noqa: E402
 
 _core.set_default_threads(default_threads())
 
-__all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool"]
+__all__ = ["kernels", "cpu_count", "__version__", "Pool", "ThreadPool", "TaskTimeoutError",
+           "WorkerInfo", "current_worker"]
 __all__ += ["get_reusable_pool", "ProcessPoolExecutor"]
 __all__ += ["Value", "Array", "RawValue", "RawArray", "Lock", "RLock", "Semaphore",
             "BoundedSemaphore", "Barrier", "Event", "Condition"]

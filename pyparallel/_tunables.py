@@ -24,6 +24,11 @@ IMAP_AHEAD_MIN = 16
 SPIN_US = 150.0
 #: ... unless tasks take longer than this on average (seconds)
 NO_SPIN_TASK = 0.001
+#: a caller that collected its own result holds a lease this long (microseconds), during
+#: which workers do not wake the collector (it looks by itself when the lease ends)
+LEASE_US = 1000.0
+#: a worker polls its ring this long after a task before it sleeps on a futex (microseconds)
+WORKER_SPIN_US = 50.0
 
 # ---- messages ----
 #: buffers at least this big travel out of band (straight from their memory into the ring)

@@ -60,9 +60,12 @@ import warnings
 from . import _core, _tunables
 from ._cpu import cpu_count
 from ._pool import context as _context
-from ._pool.backend import APPLY, MAP, STARMAP, Chunk, Job, State, chunk_source
+from ._pool.backend import APPLY, BULK, MAP, STARMAP, Chunk, Job, State, chunk_source
+from ._pool import progress as _progress
 from ._pool.errors import (InitializerError, MaybeEncodingError, PoolTerminatedError,
-                           RemoteTraceback, TaskCancelledError, TimeoutError, WorkerLostError)
+                           RemoteTraceback, TaskCancelledError, TaskTimeoutError, TimeoutError,
+                           WorkerLostError)
+from ._pool.identity import WorkerInfo, current_worker
 from ._pool.results import (ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator,
                             MapResult)
 
@@ -78,7 +81,10 @@ __all__ = [
     "InitializerError",
     "PoolTerminatedError",
     "TaskCancelledError",
+    "TaskTimeoutError",
     "TimeoutError",
+    "WorkerInfo",
+    "current_worker",
     "RemoteTraceback",
     "MaybeEncodingError",
     "default_start_method",
@@ -102,6 +108,22 @@ def _is_kernel(func, _Kernel=_core.Kernel):
     return type(func) is _Kernel and func.unary
 
 
+class _KernelBulk:
+    """A kernel's bulk path over one chunk, for a backend whose workers run kernels: one team
+    per worker process, with that process's default threads."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, items):
+        return self.kernel.map(items)
+
+    def __reduce__(self):
+        return _KernelBulk, (self.kernel,)
+
+
 def _check_chunksize(chunksize):
     if chunksize is None:
         return
@@ -109,6 +131,24 @@ def _check_chunksize(chunksize):
         raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
     if chunksize < 1:
         raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+
+
+def _check_timeout(task_timeout):
+    if task_timeout is None:
+        return None
+    if isinstance(task_timeout, bool) or not isinstance(task_timeout, (int, float)):
+        raise TypeError(f"task_timeout must be a number of seconds or None, not "
+                        f"{type(task_timeout).__name__}")
+    if not task_timeout > 0:
+        raise ValueError(f"task_timeout must be positive, not {task_timeout!r}")
+    return float(task_timeout)
+
+
+def _length(iterable):
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
 
 
 def _load_backend(name):
@@ -131,11 +171,14 @@ class Pool:
     """A process pool with the API of ``multiprocessing.Pool``; see the module docstring.
 
     ``backend``: "local" (the default: processes on this machine) or "dask" (a Dask
-    distributed cluster; its options, such as ``address=`` or ``client=``, are passed on)."""
+    distributed cluster; its options, such as ``address=`` or ``client=``, are passed on).
+    ``task_timeout``: seconds a task may run before its worker is killed and replaced and the
+    task fails with :class:`TaskTimeoutError` (each call may set its own)."""
 
     def __init__(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None,
-                 context=None, *, backend=None, **options):
+                 context=None, *, backend=None, task_timeout=None, **options):
         self._backend = None  # a failed __init__ must not warn in __del__
+        self._task_timeout = _check_timeout(task_timeout)
         self._cache = {}
         self._tokens = set()  # cancel tokens of the kernels this pool runs on its threads
         if processes is not None:
@@ -166,6 +209,10 @@ class Pool:
             self._backend = factory(processes, initializer, initargs, maxtasksperchild,
                                     self._cache, **options)
         self._processes = self._backend.processes
+        if self._task_timeout is not None and not getattr(self._backend,
+                                                          "supports_task_timeout", False):
+            self._backend.terminate()
+            raise ValueError(f"the {backend} backend does not support task_timeout")
 
     # -- state --
 
@@ -242,6 +289,12 @@ class Pool:
 
     # -- submission --
 
+    def _timeout(self, task_timeout):
+        t = self._task_timeout if task_timeout is None else _check_timeout(task_timeout)
+        if t is not None and not getattr(self._backend, "supports_task_timeout", False):
+            raise ValueError("this pool's backend does not support task_timeout")
+        return t
+
     def _submit(self, job):
         try:
             self._backend.submit(job)
@@ -253,21 +306,34 @@ class Pool:
             self._cache.pop(job.result._job, None)
             raise
 
-    def _map_async(self, func, iterable, kind, chunksize=None, callback=None, error_callback=None):
+    def _map_async(self, func, iterable, kind, chunksize=None, callback=None, error_callback=None,
+                   progress=None, task_timeout=None):
         self._check_running()
         _check_chunksize(chunksize)
+        timeout = self._timeout(task_timeout)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         n = len(iterable)
+        sink = _progress.make(progress, n)
         if chunksize is None:
             chunksize, extra = divmod(n, self._processes * 4)
             if extra:
                 chunksize += 1
             chunksize = max(chunksize, 1)
         if _is_kernel(func):
-            return self._kernel_async(func, iterable, kind, n, callback, error_callback)
+            if getattr(self._backend, "runs_kernels_in_process", False):
+                return self._kernel_async(func, iterable, kind, n, callback, error_callback,
+                                          timeout, sink)
+            if kind == STARMAP:
+                iterable = [a[0] if len(a) == 1 else _bad_star(func, a) for a in iterable]
+            func, kind = _KernelBulk(func), BULK
         result = MapResult(self._cache, n, callback, error_callback, self._backend)
         result._chunksize = chunksize if n else 0  # as multiprocessing's MapResult has it
+        if sink is not None:
+            if n:
+                result._progress = sink
+            else:
+                sink.close()
         if n:
             if isinstance(iterable, range):  # a range's chunks are ranges: 3 ints each
                 chunks = [Chunk(i, min(chunksize, n - i), iterable[i:i + chunksize])
@@ -278,109 +344,150 @@ class Pool:
                 for i in range(0, n, chunksize):
                     batch = tuple(itertools.islice(it, chunksize))
                     chunks.append(Chunk(i, len(batch), batch))
-            self._submit(Job(result, func, kind, chunks))
+            self._submit(Job(result, func, kind, chunks, timeout=timeout))
         return result
 
-    def _kernel_async(self, func, iterable, kind, length, callback, error_callback):
+    def _kernel_async(self, func, iterable, kind, length, callback, error_callback, timeout=None,
+                      sink=None):
         """A native kernel: its bulk path on `processes` threads, in this process."""
         items = list(iterable)
         if kind == STARMAP:
             items = [a[0] if len(a) == 1 else _bad_star(func, a) for a in items]
         result = MapResult(self._cache, length, callback, error_callback)
         if not length:
+            if sink is not None:
+                sink.close()
             return result
-        self._kernel_thread(result, lambda **kw: func.map(items, threads=self._processes, **kw))
+        result._progress = sink
+        budget = None if timeout is None else timeout * length
+        self._kernel_thread(result, lambda **kw: func.map(items, threads=self._processes, **kw),
+                            budget)
         return result
 
-    def _kernel_thread(self, result, call):
-        token = _core.CancelToken() if hasattr(_core, "CancelToken") else None
+    def _kernel_thread(self, result, call, budget=None):
+        token = _core.CancelToken()
         tokens = self._tokens
-        if token is not None:
-            tokens.add(token)
+        tokens.add(token)
+        timer = None
+        if budget is not None:  # the kernel stops at the deadline: a cancellation
+            timer = threading.Timer(budget, token.cancel)
+            timer.daemon = True
+            timer.start()
 
         def run():
             try:
-                obj = (True, call(cancel=token) if token is not None else call())
+                obj = (True, call(cancel=token))
             except Exception as e:  # noqa: BLE001 - the call's failure
+                if timer is not None and not timer.is_alive() and token.cancelled:
+                    e = TaskTimeoutError(f"the kernel call ran longer than its task_timeout "
+                                         f"({budget:g} s) and was stopped")
                 obj = (False, e)
             finally:
                 tokens.discard(token)
+                if timer is not None:
+                    timer.cancel()
             result._set(0, obj)
 
         threading.Thread(target=run, daemon=True, name="pyparallel-kernel").start()
 
     # -- the API --
 
-    def apply(self, func, args=(), kwds={}):
+    def apply(self, func, args=(), kwds={}, *, task_timeout=None):
         """``func(*args, **kwds)`` in a worker; blocks until the result is ready."""
-        return self.apply_async(func, args, kwds).get()
+        return self.apply_async(func, args, kwds, task_timeout=task_timeout).get()
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None, *,
+                    task_timeout=None):
         """``func(*args, **kwds)`` in a worker: an AsyncResult."""
         self._check_running()
-        if _is_kernel(func) and not kwds:
+        timeout = self._timeout(task_timeout)
+        if _is_kernel(func) and not kwds and getattr(self._backend, "runs_kernels_in_process",
+                                                     False):
             result = ApplyResult(self._cache, callback, error_callback)
             args = tuple(args)
-            self._kernel_thread(result, lambda **kw: func(*args, **kw))
+            self._kernel_thread(result, lambda **kw: func(*args, **kw), timeout)
             return result
         result = ApplyResult(self._cache, callback, error_callback, self._backend)
         self._submit(Job(result, func, APPLY, [Chunk(0, 1, (tuple(args), dict(kwds)))],
-                         single=True))
+                         single=True, timeout=timeout))
         return result
 
-    def map(self, func, iterable, chunksize=None):
-        """``list(map(func, iterable))`` computed in the workers, in chunks."""
-        return self._map_async(func, iterable, MAP, chunksize).get()
+    def map(self, func, iterable, chunksize=None, *, progress=None, task_timeout=None):
+        """``list(map(func, iterable))`` computed in the workers, in chunks. ``progress``:
+        True (a tqdm bar), a tqdm bar or a callable(done, total), advanced as tasks finish."""
+        return self._map_async(func, iterable, MAP, chunksize, progress=progress,
+                               task_timeout=task_timeout).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(self, func, iterable, chunksize=None, *, progress=None, task_timeout=None):
         """Like map, with each item unpacked as arguments: ``func(*item)``."""
-        return self._map_async(func, iterable, STARMAP, chunksize).get()
+        return self._map_async(func, iterable, STARMAP, chunksize, progress=progress,
+                               task_timeout=task_timeout).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  progress=None, task_timeout=None):
         """Like map, without waiting: a MapResult."""
-        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback,
+                               progress, task_timeout)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                      progress=None, task_timeout=None):
         """Like starmap, without waiting: a MapResult."""
-        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback,
+                               progress, task_timeout)
 
-    def _imap(self, cls, func, iterable, chunksize):
+    def _imap(self, cls, func, iterable, chunksize, progress, task_timeout):
         self._check_running()
         _check_chunksize(chunksize)
+        timeout = self._timeout(task_timeout)
         if chunksize is None:
             chunksize = 1
+        sink = _progress.make(progress, _length(iterable))
+        kind = None
         if _is_kernel(func):
-            return _kernel_imap(func, iterable, max(chunksize, 64 * self._processes),
-                                self._processes)
+            if getattr(self._backend, "runs_kernels_in_process", False):
+                return _kernel_imap(func, iterable, max(chunksize, 64 * self._processes),
+                                    self._processes, sink)
+            func, kind, chunksize = _KernelBulk(func), BULK, max(chunksize, 64)
         single = chunksize == 1
         result = cls(self._cache, self._backend, chunked=not single)
+        result._progress = sink
         ahead = max(_tunables.IMAP_AHEAD_PER_WORKER * _tunables.WINDOW * self._processes,
                     _tunables.IMAP_AHEAD_MIN) * chunksize
-        job = Job(result, func, APPLY if single else MAP, chunk_source(iterable, chunksize, single),
-                  lazy=True, single=single, ahead=ahead)
+        if kind is None:
+            kind = APPLY if single else MAP
+        job = Job(result, func, kind, chunk_source(iterable, chunksize, single),
+                  lazy=True, single=single, ahead=ahead, timeout=timeout)
         self._submit(job)
         return result
 
-    def imap(self, func, iterable, chunksize=1):
+    def imap(self, func, iterable, chunksize=1, *, progress=None, task_timeout=None):
         """Like map, lazily: results in order, inputs consumed as workers free up."""
-        return self._imap(IMapIterator, func, iterable, chunksize)
+        return self._imap(IMapIterator, func, iterable, chunksize, progress, task_timeout)
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+    def imap_unordered(self, func, iterable, chunksize=1, *, progress=None, task_timeout=None):
         """Like imap, results in completion order."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, progress,
+                          task_timeout)
 
 
 def _bad_star(func, args):
     raise TypeError(f"{func!r} takes 1 argument ({len(args)} given)")
 
 
-def _kernel_imap(func, iterable, batch, threads):
+def _kernel_imap(func, iterable, batch, threads, sink=None):
     it = iter(iterable)
-    while True:
-        chunk = list(itertools.islice(it, batch))
-        if not chunk:
-            return
-        yield from func.map(chunk, threads=threads)
+    try:
+        while True:
+            chunk = list(itertools.islice(it, batch))
+            if not chunk:
+                return
+            out = func.map(chunk, threads=threads)
+            if sink is not None:
+                sink.update(len(chunk))
+            yield from out
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 # ---- ThreadPool -----------------------------------------------------------------------------
@@ -409,7 +516,11 @@ class ThreadPool(_mpp.ThreadPool):
     (default ``cpu_count()``), callbacks that cannot kill the pool, native kernels on their
     bulk path."""
 
-    def __init__(self, processes=None, initializer=None, initargs=()):
+    def __init__(self, processes=None, initializer=None, initargs=(), *, task_timeout=None):
+        if task_timeout is not None:
+            self._state = None  # what multiprocessing's __del__ looks at
+            raise ValueError("ThreadPool cannot take task_timeout: a thread cannot be killed "
+                             "(use pyparallel.Pool)")
         if processes is None:
             processes = cpu_count()
         super().__init__(processes, initializer, initargs)

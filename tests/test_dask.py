@@ -626,10 +626,15 @@ def test_missing_distributed_names_the_extra_and_local_pool_never_imports_it():
     assert out.stdout.strip() == "ok", out.stderr
 
 
-def test_kernels_stay_in_process(dask_pool):
+def test_kernels_run_on_the_workers_bulk_path(dask_pool):
+    fib = pyparallel.kernels.fib
     p = dask_pool(2)
-    assert p.map(pyparallel.kernels.fib, [10, 20]) == [55, 6765]
-    assert p._backend.submitted == 0
+    xs = list(range(10, 30))
+    assert p.map(fib, xs) == [fib(x) for x in xs]
+    assert p._backend.submitted >= 1  # sent to the cluster, not run here
+    assert sorted(p.imap_unordered(fib, xs)) == sorted(fib(x) for x in xs)
+    assert p.starmap(fib, [(x,) for x in xs]) == [fib(x) for x in xs]
+    assert p.apply(fib, (20,)) == 6765
 
 
 def test_dask_worker_identity_not_callers(dask_pool, cluster):

@@ -429,20 +429,31 @@ def test_spilled_arguments_kept_by_a_task_are_not_overwritten(pool_context):
     assert memfd_count() == before, "spill segments left open"
 
 
-def test_spilled_task_of_a_killed_worker_is_resent():
+def sum_after_start(a, flag=None):
+    if flag is not None:
+        open(flag, "w").close()  # the test kills this worker now: it is running this task
+        time.sleep(60)
+    return float(a.sum())
+
+
+def test_spilled_task_of_a_killed_worker_is_resent(tmp_path):
+    """The task the killed worker was running fails; the spilled task queued behind it in
+    the same worker's ring is resent and completes."""
     np = pytest.importorskip("numpy")
-    arrays = [np.full(1 << 18, i, dtype=np.float64) for i in range(8)]
+    arrays = [np.full(1 << 18, i, dtype=np.float64) for i in range(6)]  # 2 MiB: spilled
+    flag = str(tmp_path / "started")
     with Pool(2) as p:
-        res = p.map_async(array_sum, arrays, chunksize=1)
-        pids = [w.pid for w in p._pool]
-        os.kill(pids[0], signal.SIGKILL)
-        try:
-            out = res.get(30)
-        except WorkerLostError:
-            out = None  # the task it was running fails; the map's other tasks complete
-        assert p.map(array_sum, arrays, chunksize=1) == [float(a.sum()) for a in arrays]
-    if out is not None:
-        assert out == [float(a.sum()) for a in arrays]
+        victim = p._pool[0].pid
+        rs = [p.apply_async(sum_after_start, (arrays[0], flag))]
+        rs += [p.apply_async(sum_after_start, (a,)) for a in arrays[1:]]
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.path.exists(flag)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match=f"worker process {victim} was killed"):
+            rs[0].get(30)
+        assert [r.get(30) for r in rs[1:]] == [float(a.sum()) for a in arrays[1:]]
 
 
 def test_big_arguments_and_results():

@@ -378,3 +378,31 @@ def test_start_failure_stops_the_started_workers():
     with pytest.raises(OSError, match="no more processes"):
         pp.Pool(5, context=mock.MagicMock(Process=FailingProcess))
     assert started and not any(p.is_alive() for p in started)
+
+
+def test_warns_once_when_a_foreign_openmp_runtime_is_alive(monkeypatch):
+    from pyparallel._pool import context
+
+    monkeypatch.setattr(context, "_warned", [])
+    monkeypatch.setattr(context, "_openmp_runtimes", lambda: {
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0",  # the system runtime pyparallel uses
+        "/venv/site-packages/scikit_learn.libs/libgomp-a34b3233.so.1.0.0"})
+    monkeypatch.setattr(context, "_unknown_threads", lambda: 3)
+    with pytest.warns(RuntimeWarning, match="scikit_learn.libs/libgomp") as w:
+        with pp.Pool(1, context="fork") as p:
+            assert p.start_method == "fork"  # the method is not changed, only reported
+            assert p.map(abs, [-1]) == [1]
+        with pp.Pool(1, context="fork"):
+            pass
+    assert len([x for x in w if "OpenMP" in str(x.message)]) == 1
+    monkeypatch.setattr(context, "_warned", [])
+    monkeypatch.setattr(context, "_unknown_threads", lambda: 0)  # no live thread: no hazard
+    assert context.fork_hazard() is None
+
+
+def test_no_fork_hazard_from_our_own_runtime_or_numpy():
+    pytest.importorskip("numpy")
+    from pyparallel._pool import context
+
+    pp.kernels.fib.map([25] * 4, threads=2)
+    assert context.fork_hazard() is None

@@ -28,11 +28,18 @@ What a backend must guarantee:
   jobs are done. ``terminate()``: stop now; every pending result fails with
   :class:`~.errors.PoolTerminatedError`. ``join()``: wait for the workers (after either). A
   job submitted outside RUN raises ValueError("Pool not running").
+- **Native kernels**: a backend whose ``runs_kernels_in_process`` is true has Pool run
+  kernels on threads in the calling process (the local engine: no pickling); for the others
+  Pool sends BULK jobs, so each worker runs its chunks through the kernel's bulk path.
 - **Introspection**: ``processes`` (tasks that run at once), ``start_method`` (or None),
   ``workers()`` (process-like objects with ``pid``, ``is_alive()``, ``exitcode``), and
   ``repopulate()`` (replace exited workers now).
 - ``help(result)``: called by a caller about to block on ``result``; may collect results in
   the caller's thread (a no-op is fine).
+- **Timeouts** (``job.timeout``, seconds per item; a chunk's budget is its length times it):
+  a backend whose ``supports_task_timeout`` is true fails a task that runs longer with
+  :class:`~.errors.TaskTimeoutError` naming it, replaces its worker, and goes on; Pool refuses
+  ``task_timeout`` for a backend without it.
 """
 from __future__ import annotations
 
@@ -41,10 +48,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-__all__ = ["State", "Lifecycle", "Chunk", "Job", "Backend", "APPLY", "MAP", "STARMAP"]
+__all__ = ["State", "Lifecycle", "Chunk", "Job", "Backend", "APPLY", "MAP", "STARMAP", "BULK"]
 
-#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap
-APPLY, MAP, STARMAP = 0, 1, 2
+#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap; a chunk given
+#: whole to func, which returns the chunk's list of results (native kernels' bulk path)
+APPLY, MAP, STARMAP, BULK = 0, 1, 2, 3
 
 
 class State(str, enum.Enum):
@@ -111,6 +119,7 @@ class Job:
     lazy: bool = False
     single: bool = False
     ahead: int = 0  # lazy: items beyond the caller's allowed in flight (0: no bound)
+    timeout: float | None = None  # seconds per item (task_timeout), or None
     cancelled: bool = False
     extra: dict = field(default_factory=dict)  # a backend's own bookkeeping
 

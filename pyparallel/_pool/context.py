@@ -8,6 +8,12 @@ monitor, a closed ThreadPool, pyparallel's own collector threads and kernel team
 unchanged. ``context=`` takes a context or a method name. ``pool.start_method`` says which
 method a pool uses.
 
+Fork is safe with what pyparallel knows: its own threads (the kernels' team is taken down
+before a fork, the collector holds no lock while it forks), OpenBLAS (it has fork handlers).
+What it knows to be unsafe is a GNU OpenMP (or Intel/LLVM OpenMP) runtime other than its own,
+as wheels of other libraries vendor, with threads alive: a worker forked then may deadlock in
+it. Then the pool warns once, naming the runtime, and still uses the method it was given.
+
 **No main guard needed**: under spawn and forkserver, multiprocessing re-runs the main script
 in every child (as ``__mp_main__``) so that functions defined there can be found by name; a
 script without an ``if __name__ == "__main__":`` guard then starts pools from its children and
@@ -20,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import warnings
 import multiprocessing.spawn as _spawn
 import threading
 
-__all__ = ["resolve", "method_name", "no_main"]
+__all__ = ["resolve", "method_name", "no_main", "fork_hazard", "warn_fork_hazard"]
 
 
 def resolve(context):
@@ -81,3 +89,59 @@ def no_main():
         yield
     finally:
         _tls.no_main = old
+
+
+_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
+_SYSTEM_DIRS = ("/usr/lib", "/lib", "/usr/local/lib")
+_warned = []
+
+
+def _openmp_runtimes():
+    """Paths of the OpenMP runtimes mapped into this process."""
+    found = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                name = path.rsplit("/", 1)[-1]
+                if name.startswith(_OPENMP_NAMES) and ".so" in name:
+                    found.add(path)
+    except OSError:
+        pass
+    return found
+
+
+def _unknown_threads():
+    """OS threads of this process that are not Python threads."""
+    try:
+        tids = {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return 0
+    known = {t.native_id for t in threading.enumerate()}
+    return len(tids - known)
+
+
+def fork_hazard():
+    """Why forking now may deadlock a worker (a foreign OpenMP runtime with live threads),
+    or None."""
+    foreign = sorted(p for p in _openmp_runtimes() if not p.startswith(_SYSTEM_DIRS))
+    if not foreign:
+        return None
+    n = _unknown_threads()
+    if n == 0:
+        return None
+    return (f"an OpenMP runtime other than pyparallel's is loaded ({', '.join(foreign)}) and "
+            f"{n} thread(s) Python does not know are running")
+
+
+def warn_fork_hazard(method):
+    """One warning per process when a pool forks while :func:`fork_hazard` says so."""
+    if method != "fork" or _warned:
+        return
+    reason = fork_hazard()
+    if reason is None:
+        return
+    _warned.append(reason)
+    warnings.warn(f"pyparallel: the pool uses the fork start method while {reason}; a worker "
+                  "forked now could deadlock in that runtime. If workers hang, pass "
+                  "context='forkserver' or 'spawn'.", RuntimeWarning, stacklevel=4)

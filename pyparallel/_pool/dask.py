@@ -68,7 +68,7 @@ import distributed  # a missing distributed: Pool names the "dask" extra
 import distributed.comm
 
 from .. import _serialize
-from .backend import MAP, STARMAP, Lifecycle, State
+from .backend import BULK, MAP, STARMAP, Lifecycle, State
 from .errors import InitializerError, PoolTerminatedError, TaskCancelledError, WorkerLostError
 from .results import ApplyResult, ResultCompletedTwice
 
@@ -180,6 +180,8 @@ def _run_task(token, init, fb, kind, chunks, keys, *big):
                 value = list(map(func, args))
             elif kind == STARMAP:
                 value = list(itertools.starmap(func, args))
+            elif kind == BULK:
+                value = func(list(args))
             else:
                 a, kw = args
                 value = func(*a, **kw)

@@ -7,9 +7,11 @@ import signal
 
 __all__ = [
     "TimeoutError", "RemoteTraceback", "MaybeEncodingError", "WorkerLostError",
-    "InitializerError", "PoolTerminatedError", "TaskCancelledError", "describe_exit",
+    "InitializerError", "PoolTerminatedError", "TaskCancelledError", "TaskTimeoutError",
+    "describe_exit",
 ]
 
+_BuiltinTimeoutError = TimeoutError
 TimeoutError = multiprocessing.TimeoutError
 RemoteTraceback = _mpp.RemoteTraceback
 MaybeEncodingError = _mpp.MaybeEncodingError
@@ -29,6 +31,11 @@ class InitializerError(multiprocessing.ProcessError):
 
 class PoolTerminatedError(multiprocessing.ProcessError):
     """The pool was terminated before the task completed."""
+
+
+class TaskTimeoutError(multiprocessing.TimeoutError, _BuiltinTimeoutError):
+    """A task ran longer than its ``task_timeout``: its worker was killed and replaced, the
+    other tasks went on."""
 
 
 class TaskCancelledError(multiprocessing.ProcessError):

@@ -146,6 +146,7 @@ class ApplyResult(_mpp.ApplyResult):
         return True
 
     _aborted = False
+    _progress = None  # see .progress: advanced as chunks finish
 
     def _set(self, i, obj):
         """multiprocessing's (success, value) form, for one whole result."""
@@ -163,6 +164,8 @@ class ApplyResult(_mpp.ApplyResult):
         return True
 
     def _finish(self):
+        if self._progress is not None:
+            self._progress.close()
         cb = self._callback if self._success else self._error_callback
         if cb is not None:
             _run_callback(cb, self._value)
@@ -211,11 +214,14 @@ class MapResult(ApplyResult):
                 self._success = False
                 self._value = value  # the first exception
             self._left -= count
-            if self._left > 0:
-                return True
-            self._final = True
-            self._starts = None
-        self._finish()
+            left = self._left
+            if left <= 0:
+                self._final = True
+                self._starts = None
+        if self._progress is not None:
+            self._progress.update(count)
+        if left <= 0:
+            self._finish()
         return True
 
     def _set(self, i, obj):
@@ -252,6 +258,7 @@ class IMapIterator(_mpp.IMapIterator):
         self._taken = 0
         self._waker = None
         self._aborted = False
+        self._progress = None
         cache[self._job] = self
 
     def __iter__(self):
@@ -334,6 +341,8 @@ class IMapIterator(_mpp.IMapIterator):
             self._starts.add(start)
             self._put(start, count, success, value)
             self._cond.notify()
+            if self._progress is not None:
+                self._progress.update(count)
             if self._index == self._length:
                 self._done()
         return True
@@ -355,6 +364,8 @@ class IMapIterator(_mpp.IMapIterator):
     def _done(self):
         self._cache.pop(self._job, None)
         self._starts = set()
+        if self._progress is not None:
+            self._progress.close()
 
     def _set_length(self, length):
         with self._cond:

@@ -44,8 +44,8 @@ from ... import _core, _serialize, _tunables
 from ..._cpu import cpu_count
 from .. import context as _context
 from ..backend import APPLY, MAP, Chunk, Job, Lifecycle, State
-from ..errors import (InitializerError, PoolTerminatedError, TaskCancelledError, WorkerLostError,
-                      describe_exit)
+from ..errors import (InitializerError, PoolTerminatedError, TaskCancelledError,
+                      TaskTimeoutError, WorkerLostError, describe_exit)
 from . import fork, spill, wire, worker
 
 __all__ = ["LocalBackend"]
@@ -71,6 +71,8 @@ class _Task:
     fid: int
     sent_at: float = 0.0
     seg: Any = None  # the spill segment its buffers went through
+    budget: float | None = None  # seconds it may run (task_timeout times its items)
+    label: str = ""  # what it runs, for the timeout's message
 
 
 @dataclass(slots=True, eq=False)
@@ -83,6 +85,8 @@ class _Slot:
     outgoing: collections.deque = field(default_factory=collections.deque)  # [parts, pos, size]
     last_result: float = 0.0
     ready: bool = False  # the current worker said it started (its initializer ran)
+    head_since: float = 0.0  # when the oldest task it holds started running (about)
+    timed_out: int | None = None  # the task it was killed for running too long
     leaving: bool = False  # it was asked to leave
 
 
@@ -108,6 +112,9 @@ def _check_resources(processes):
 class LocalBackend:
     """Worker processes on this machine (see the module docstring)."""
 
+    supports_task_timeout = True
+    runs_kernels_in_process = True
+
     def __init__(self, processes, ctx, initializer, initargs, maxtasks, cache):
         _check_resources(processes)
         self.lifecycle = Lifecycle()
@@ -117,6 +124,7 @@ class LocalBackend:
         self.threads = max(1, cpu_count() // processes)  # each worker's share, for kernels
         self.pid = os.getpid()  # a forked copy of this engine must not touch the workers
         self.direct_fork = self.start_method == "fork" and fork.available()
+        _context.warn_fork_hazard(self.start_method)
         if self.start_method == "fork":
             inherited, names = _serialize.main_snapshot(), _serialize.names_snapshot()
         else:
@@ -144,6 +152,7 @@ class LocalBackend:
         self.broken = None  # the error every call fails with once the pool cannot run tasks
         self.early_deaths = 0  # workers in a row that died before completing a task
         self.warm = False  # a worker has answered (before that, callers do not spin)
+        self.timed = 0  # tasks in flight that have a budget (task_timeout)
         self.thread = None
         # The workers are started first, while this process has no thread of the pool's own;
         # then the collector starts (it replaces dead workers later, from its own thread:
@@ -246,7 +255,11 @@ class LocalBackend:
                 raise _Retry  # objects of __main__: by value for a worker that lacks them
         except (pickle.PicklingError, AttributeError, TypeError, _Retry):
             parts = wire.encode(tid, payload, dumps=self._dumps)
-        return _Task(tid, job, chunk.start, chunk.count, parts, fid)
+        task = _Task(tid, job, chunk.start, chunk.count, parts, fid)
+        if job.timeout is not None:
+            task.budget = job.timeout * chunk.count
+            task.label = _describe_call(job, chunk)
+        return task
 
     # ---- scheduling (self.lock held) ----
 
@@ -362,6 +375,11 @@ class LocalBackend:
         msg, task.seg = self.spills.spill(task.parts)
         task.sent_at = _monotonic()
         self.tasks[task.tid] = task
+        if not slot.inflight:
+            slot.head_since = task.sent_at
+        if task.budget is not None:
+            self.timed += 1
+            self.ch.notify()  # the collector now has a deadline to watch
         slot.inflight.append(task.tid)
         slot.sent += 1
         self._send(slot, msg)
@@ -408,6 +426,9 @@ class LocalBackend:
         now = _monotonic()
         dt = now - max(task.sent_at, slot.last_result)
         slot.last_result = now
+        slot.head_since = now  # the next task it holds starts about now
+        if task.budget is not None:
+            self.timed -= 1
         self.task_time += 0.3 * (dt - self.task_time)
         if task.seg is not None:
             self.spills.give(task.seg)
@@ -446,11 +467,19 @@ class LocalBackend:
             task = self.tasks.pop(held.popleft())
             if task.seg is not None:
                 self.spills.give(task.seg, worker_gone=True)
+            if task.budget is not None:
+                self.timed -= 1
             if not task.job.cancelled:
-                err = WorkerLostError(describe_exit(p.pid, code) + " while running a task")
+                if slot.timed_out == task.tid:
+                    err = TaskTimeoutError(_timeout_message(task))
+                else:
+                    err = WorkerLostError(describe_exit(p.pid, code) + " while running a task")
                 done.append((task.job.result, task.start, task.count, (False, err)))
+        slot.timed_out = None
         while held:  # never started (or cancelled): send them again
             task = self.tasks.pop(held.pop())
+            if task.budget is not None:
+                self.timed -= 1
             if task.seg is not None:
                 self.spills.give(task.seg, worker_gone=True)
                 task.seg = None
@@ -486,6 +515,31 @@ class LocalBackend:
             if task.seg is not None:
                 spill.evict(task.seg)
         self.tasks.clear()
+        self.timed = 0
+
+    def _expire(self):
+        """Kill the workers whose running task is over its budget; seconds until the next
+        budget runs out (or SAFETY_WAIT)."""
+        wait = _tunables.SAFETY_WAIT
+        if not self.timed:
+            return wait
+        now = _monotonic()
+        for slot in self.slots:
+            if not slot.inflight or slot.proc is None or slot.timed_out is not None:
+                continue
+            task = self.tasks.get(slot.inflight[0])
+            if task is None or task.budget is None:
+                continue
+            left = slot.head_since + task.budget - now
+            if left <= 0:
+                slot.timed_out = task.tid
+                try:
+                    slot.proc.kill()
+                except (OSError, AttributeError):
+                    pass
+            else:
+                wait = min(wait, left)
+        return max(wait, 0.001)
 
     def _leave_if_done(self):
         """Closed and idle: ask every worker to leave (once). True once they were asked."""
@@ -568,13 +622,15 @@ class LocalBackend:
     def _collect_loop(self):
         ch = self.ch
         done = []
+        wait = _tunables.SAFETY_WAIT
         while True:
             sentinels = [s.proc.sentinel for s in self.slots if s.proc is not None]
-            ch.wait(sentinels, _tunables.SAFETY_WAIT)
+            ch.wait(sentinels, wait)
             finished = False
             with self.lock:
                 if not self._drain_all(done):
                     return
+                wait = self._expire()
                 for slot in self.slots:
                     if slot.proc is not None and slot.proc.exitcode is not None:
                         self._reap(slot, done)
@@ -635,7 +691,7 @@ class LocalBackend:
             # tasks that take far longer than the spin: it would only keep a CPU busy.
             return
         try:
-            if self.ch.spin(_tunables.SPIN_US):
+            if self.ch.spin(_tunables.SPIN_US, _tunables.LEASE_US):
                 self.collect_now()
         except ValueError:  # the channel was closed meanwhile
             pass
@@ -758,6 +814,34 @@ class LocalBackend:
             self._pump(done)
         self._complete(done)
         self.kick()
+
+
+def _describe_call(job, chunk):
+    name = getattr(job.func, "__qualname__", None) or repr(job.func)
+    if chunk.count != 1:
+        return name
+    import reprlib
+
+    if job.kind == APPLY:
+        args, kwds = chunk.args
+        inner = ", ".join([reprlib.repr(a) for a in args]
+                          + [f"{k}={reprlib.repr(v)}" for k, v in kwds.items()])
+    elif job.kind == MAP:
+        inner = reprlib.repr(chunk.args[0])
+    else:
+        inner = ", ".join(reprlib.repr(a) for a in chunk.args[0])
+    return f"{name}({inner})"
+
+
+def _timeout_message(task):
+    budget = task.budget
+    if task.count == 1:
+        what = f"task {task.start} of the call, {task.label},"
+    else:
+        what = (f"a chunk of tasks {task.start}..{task.start + task.count - 1} of the call "
+                f"({task.count} tasks of {task.label})")
+    return (f"{what} ran longer than its task_timeout ({budget:g} s); its worker was killed "
+            "and replaced")
 
 
 class _Eager:

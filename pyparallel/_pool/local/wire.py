@@ -42,8 +42,8 @@ INIT_FAILED_TID = (1 << 64) - 1
 #: tid of the message a worker sends once it started (its initializer ran)
 READY_TID = (1 << 64) - 2
 
-#: the kinds of task: func(*args, **kwds); a chunk of map; a chunk of starmap
-APPLY, MAP, STARMAP = 0, 1, 2
+#: the kinds of task (see pyparallel._pool.backend)
+from ..backend import APPLY, BULK, MAP, STARMAP  # noqa: E402,F401
 
 
 class _Numbers:

@@ -16,7 +16,8 @@ import signal
 
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
-from ... import _core
+from ... import _core, _tunables
+from .. import identity
 from . import spill, wire
 
 __all__ = ["main"]
@@ -27,6 +28,8 @@ def _run(func, args, kind):
         return list(map(func, args))
     if kind == wire.STARMAP:
         return list(itertools.starmap(func, args))
+    if kind == wire.BULK:
+        return func(list(args))
     a, kw = args
     return func(*a, **kw)
 
@@ -74,7 +77,11 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
     # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     _core.set_default_threads(threads)
-    ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
+    try:
+        ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
+    except OSError:  # the pool was torn down while this worker started: nothing to serve
+        os._exit(3)
+    identity._set(identity.WorkerInfo(slot, os.getpid()))
     if init is not None:
         try:
             initializer, initargs = pickle.loads(init)
@@ -87,11 +94,12 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             os._exit(1)
     ch.send(slot, wire.encode(wire.READY_TID, None))
     funcs = _Functions()
+    spin_usec = _tunables.WORKER_SPIN_US
     spills = spill.SpillCache()
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
-            msg = ch.recv(slot)
+            msg = ch.recv(slot, spin_usec)
         except BrokenPipeError:  # the parent is gone: nothing to report to
             break
         if not msg:  # an empty message asks the worker to leave
