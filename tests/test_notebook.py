@@ -8,7 +8,7 @@ so nothing global is read or written and a clean clone needs nothing but the tes
 
 The cells do what a notebook user does: a function defined in one cell and used by
 ``pp.Pool().map`` in another, a lambda, an initializer setting a global read by the tasks, a
-``pp.Array`` viewed with numpy and filled by the tasks, a task that raises (the cell's error
+``pp.Array`` viewed with numpy and filled by the tasks, progress, a task that raises (the cell's error
 shows the worker's traceback), and two interrupts, as the notebook's stop button sends them
 (``km.interrupt_kernel()``: SIGINT to the kernel's process group, workers included): one of a
 long ``pool.map`` and one of a long ``pp.kernels.fib`` call. After each interrupt the kernel is
@@ -16,8 +16,7 @@ alive, the pool made in an earlier cell still works in the next cell, the interr
 result failed with TaskCancelledError, and the kernel's child processes are exactly the pool's
 workers: none left over, none a zombie.
 
-Progress bars (``progress=True``) are not in this notebook yet: they come with the Pool change
-that adds them.
+A cell shows a progress bar (``progress=True``, tqdm.auto) and a progress callable.
 """
 import asyncio
 import os
@@ -59,6 +58,14 @@ CELLS = [
     """),
     ("lambda", """
         print("lambda:", pool.map(lambda x: x + 0.5, range(4)))
+    """),
+    ("progress", """
+        seen = []
+        out = pool.map(square, range(50), progress=True)
+        pool.map(square, range(20), chunksize=5, progress=lambda done, total: seen.append((done, total)))
+        import importlib.util
+        print("progress:", out[-1], seen)
+        print("widgets:", importlib.util.find_spec("ipywidgets") is not None)
     """),
     ("initializer", """
         OFFSET = 0
@@ -281,6 +288,22 @@ def test_function_from_another_cell(notebook):
 def test_lambda(notebook):
     cell = notebook["lambda"][0]
     assert _line(cell, "lambda:") == "[0.5, 1.5, 2.5, 3.5]"
+
+
+def test_progress_bar(notebook):
+    cell = notebook["progress"][0]
+    _no_error(cell)
+    # progress=True: tqdm.auto's bar (text on stderr without ipywidgets, a widget with them),
+    # reaching the total; a callable gets (done, total) as chunks finish
+    assert _line(cell, "progress:") == "2401 [(5, 20), (10, 20), (15, 20), (20, 20)]"
+    stderr = "".join(o.get("text", "") for o in cell.outputs
+                     if o.output_type == "stream" and o.name == "stderr")
+    widgets = [o for o in cell.outputs if o.output_type == "display_data"
+               and "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if _line(cell, "widgets:") == "True":  # ipywidgets (not a test extra) makes it a widget
+        assert widgets, cell.outputs
+    else:
+        assert not widgets and re.search(r"\b50/50\b", stderr), cell.outputs
 
 
 def test_initializer_sets_a_global(notebook):
