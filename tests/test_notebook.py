@@ -263,9 +263,10 @@ def notebook(jupyter_env):
         pid = run.kernel_pid
     # setup_kernel shut the kernel down: it and its workers are gone
     deadline = time.monotonic() + 10
-    while _children(pid) and time.monotonic() < deadline:
+    while (_children(pid) or os.path.exists(f"/proc/{pid}")) and time.monotonic() < deadline:
         time.sleep(0.05)
     done["shutdown"] = (None, 0.0, _children(pid))
+    done["kernel_gone"] = not os.path.exists(f"/proc/{pid}")
     return done
 
 
@@ -388,3 +389,4 @@ def test_terminate_and_shutdown_leave_no_process(notebook):
     assert _line(cell, "closed") == ""
     assert kids == {}, f"processes left after terminate: {kids}"
     assert notebook["shutdown"][2] == {}
+    assert notebook["kernel_gone"], "the kernel process is still there after shutdown"
