@@ -1,0 +1,39 @@
+# Type stubs for pyparallel._pool.results: the result objects a Pool returns.
+import multiprocessing.pool as _mpp
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from typing_extensions import Self
+
+__all__ = ["ApplyResult", "AsyncResult", "MapResult", "IMapIterator", "IMapUnorderedIterator",
+           "ResultCompletedTwice"]
+
+_T = TypeVar("_T")
+
+class ResultCompletedTwice(RuntimeError): ...
+
+class ApplyResult(_mpp.ApplyResult[_T]):
+    def __init__(self, cache: dict[int, Any], callback: Callable[[_T], object] | None = None,
+                 error_callback: Callable[[BaseException], object] | None = None,
+                 backend: Any = None) -> None: ...
+    def ready(self) -> bool: ...
+    def successful(self) -> bool: ...
+    def wait(self, timeout: float | None = None) -> None: ...
+    def get(self, timeout: float | None = None) -> _T: ...
+
+AsyncResult = ApplyResult
+
+class MapResult(ApplyResult[list[_T]]):
+    def __init__(self, cache: dict[int, Any], length: int,
+                 callback: Callable[[list[_T]], object] | None = None,
+                 error_callback: Callable[[BaseException], object] | None = None,
+                 backend: Any = None) -> None: ...
+
+class IMapIterator(_mpp.IMapIterator[_T]):
+    def __init__(self, cache: dict[int, Any], backend: Any = None,
+                 chunked: bool = False) -> None: ...
+    def __iter__(self) -> Self: ...
+    def next(self, timeout: float | None = None) -> _T: ...
+    def __next__(self, timeout: float | None = None) -> _T: ...
+
+class IMapUnorderedIterator(IMapIterator[_T]): ...
