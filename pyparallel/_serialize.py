@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dis
 import io
+import linecache
+import marshal
 import pickle
 import sys
 import types
@@ -116,12 +118,16 @@ _standins: dict = {}
 
 
 def _make_function(module, name, code, ncells):
+    if type(code) is bytes:  # marshal keeps co_filename: tracebacks show the source line
+        code = marshal.loads(code)
     cells = tuple(types.CellType() for _ in range(ncells)) if ncells else None
     return types.FunctionType(code, _worker_namespace(module), name, None, cells)
 
 
 def _fill_function(func, state):
-    qualname, module, defaults, kwdefaults, cells, fdict, shipped, doc = state
+    qualname, module, defaults, kwdefaults, cells, fdict, shipped, doc, source = state
+    if source is not None:  # a notebook cell's lines, for the worker's tracebacks
+        linecache.cache.setdefault(func.__code__.co_filename, source)
     ns = func.__globals__
     for k, v in shipped.items():
         if k not in ns:  # never overwrite what the worker has
@@ -145,6 +151,15 @@ class _Empty:
 
 
 _EMPTY = _Empty()  # an empty closure cell
+
+
+def _cell_source(filename):
+    """The linecache entry of code that has no file to read it from again (a notebook cell,
+    IPython's input): shipped with a by-value function so its traceback shows the lines."""
+    entry = linecache.cache.get(filename)
+    if entry is None or len(entry) != 4 or entry[1] is not None:
+        return None  # a real file (the worker reads it) or nothing known
+    return entry
 
 
 def _register_class(cls, state, module, qualname, setstate):
@@ -224,8 +239,9 @@ def _make_pickler_class():
                 except ValueError:
                     cells.append(_EMPTY)
             state = (func.__qualname__, module, func.__defaults__, func.__kwdefaults__,
-                     tuple(cells), dict(func.__dict__) or None, shipped, func.__doc__)
-            args = (module, func.__name__, func.__code__, len(cells))
+                     tuple(cells), dict(func.__dict__) or None, shipped, func.__doc__,
+                     _cell_source(func.__code__.co_filename))
+            args = (module, func.__name__, marshal.dumps(func.__code__), len(cells))
             return (_make_function, args, state, None, None, _fill_function)
 
     return Pickler

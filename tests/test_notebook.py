@@ -337,10 +337,6 @@ def test_worker_exception_shows_remote_traceback(notebook):
     assert remote.endswith("ValueError: bad input 7")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a notebook function travels by value through cloudpickle, which renames its code's "
-    "co_filename to '<dynamic-code>': the worker's traceback has no source line, where "
-    "multiprocessing's (the function by reference, under fork) shows the cell's file and line"))
 def test_remote_traceback_shows_the_cell_line(notebook):
     remote = _remote_part(_error(notebook["raises"][0])[1])
     assert 'raise ValueError(f"bad input {x}")' in remote, remote
