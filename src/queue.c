@@ -41,17 +41,14 @@
  * are read and written with the GIL held, and only non-GC objects (bytes, bytearray,
  * RingBlock) are allocated under a ring lock, so no Python code can run while one is held.
  *
- * Copied from sync.c as statics for now (pp_now_ns, futex wait/wake, pid liveness, the cached
- * pid); they are to move into a shared header. */
+ * The clock, futex, pid-liveness and cached-pid helpers are util.h's. */
 #define _GNU_SOURCE
 #include "queue.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -59,7 +56,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #ifndef MFD_CLOEXEC
@@ -143,81 +139,6 @@ typedef struct {
     Py_ssize_t exports;
 } RingBlockObject;
 
-/* ---- GIL-free helpers (copies of sync.c's) ---- */
-
-static long long
-pp_q_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static int
-pp_q_futex_wait(_Atomic uint32_t *addr, uint32_t expected, long long ns)
-{
-    struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
-    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
-}
-
-static void
-pp_q_futex_wake(_Atomic uint32_t *addr, int n)
-{
-    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
-/* True when process `pid` is gone or a zombie (it can never release what it holds). */
-static int
-pp_q_pid_dead(uint32_t pid)
-{
-    if (kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
-        return 1;
-    }
-    char path[64], buf[256];
-    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-    FILE *f = fopen(path, "re");
-    if (f == NULL) {
-        return errno == ENOENT;
-    }
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *paren = strrchr(buf, ')');
-    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
-}
-
-/* This process's pid, cached (every lock operation needs it). Process-wide by nature, so a
- * static, reset in a forked child by a pthread_atfork handler installed once. */
-static _Atomic uint32_t pp_q_cached_pid;
-static pthread_once_t pp_q_pid_once = PTHREAD_ONCE_INIT;
-
-static void
-pp_q_pid_reset(void)
-{
-    atomic_store_explicit(&pp_q_cached_pid, (uint32_t)getpid(), memory_order_relaxed);
-}
-
-static void
-pp_q_pid_init(void)
-{
-    pp_q_pid_reset();
-    (void)pthread_atfork(NULL, NULL, pp_q_pid_reset);
-}
-
-static inline uint32_t
-pp_q_getpid(void)
-{
-    return atomic_load_explicit(&pp_q_cached_pid, memory_order_relaxed);
-}
-
-static inline void
-pp_q_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
 /* ---- locks ---- */
 
 static inline int
@@ -232,7 +153,7 @@ pp_q_unlock(pp_qlock *l)
 {
     atomic_store(&l->word, 0);
     if (atomic_load(&l->waiters) != 0) {
-        pp_q_futex_wake(&l->word, 1);
+        pp_futex_wake(&l->word, 1);
     }
 }
 
@@ -245,13 +166,13 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
         if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
             return PP_OK;
         }
-        pp_q_pause();
+        pp_cpu_relax();
     }
     uint32_t owner = atomic_load(&l->word);
     if (owner == 0) {
         return PP_OK;
     }
-    long long now = pp_q_now_ns();
+    long long now = pp_now_ns();
     if (deadline >= 0 && now >= deadline) {
         return PP_ERR_TIMEOUT;
     }
@@ -260,14 +181,14 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
         ns = deadline - now;
     }
     atomic_fetch_add(&l->waiters, 1);
-    int r = pp_q_futex_wait(&l->word, owner, ns);
+    int r = pp_futex_wait(&l->word, owner, ns);
     int err = errno;
     atomic_fetch_sub(&l->waiters, 1);
-    if (r < 0 && err == ETIMEDOUT && owner != pp_q_getpid() && pp_q_pid_dead(owner)) {
+    if (r < 0 && err == ETIMEDOUT && owner != pp_self_pid() && pp_proc_dead((pid_t)owner)) {
         /* Nothing is half-committed under a lock (see the protocol above): just free it. */
         if (atomic_compare_exchange_strong(&l->word, &owner, 0)) {
             atomic_fetch_add(&h->recoveries, 1);
-            pp_q_futex_wake(&l->word, INT_MAX);
+            pp_futex_wake(&l->word, INT_MAX);
         }
     }
     return PP_OK;
@@ -278,7 +199,7 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 static pp_status
 pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
 {
-    long long now = pp_q_now_ns();
+    long long now = pp_now_ns();
     long long spin_end = now + PP_Q_SPIN_NS;
     if (deadline >= 0 && deadline < spin_end) {
         spin_end = deadline;
@@ -288,9 +209,9 @@ pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters,
             if (atomic_load_explicit(word, memory_order_acquire) != seen) {
                 return PP_OK;
             }
-            pp_q_pause();
+            pp_cpu_relax();
         }
-        now = pp_q_now_ns();
+        now = pp_now_ns();
     }
     if (deadline >= 0 && now >= deadline) {
         return PP_ERR_TIMEOUT;
@@ -300,7 +221,7 @@ pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters,
         ns = deadline - now;
     }
     atomic_fetch_add(waiters, 1);
-    int r = pp_q_futex_wait(word, seen, ns);
+    int r = pp_futex_wait(word, seen, ns);
     int err = errno;
     atomic_fetch_sub(waiters, 1);
     if (r < 0 && err == EINTR) {
@@ -314,7 +235,7 @@ pp_q_bump(_Atomic uint32_t *word, _Atomic uint32_t *waiters, int n)
 {
     atomic_fetch_add(word, 1);
     if (atomic_load(waiters) != 0) {
-        pp_q_futex_wake(word, n);
+        pp_futex_wake(word, n);
     }
 }
 
@@ -328,7 +249,7 @@ pp_q_deadline(double timeout)
     if (timeout > 1e9) {
         timeout = 1e9;
     }
-    return pp_q_now_ns() + (long long)(timeout * 1e9);
+    return pp_now_ns() + (long long)(timeout * 1e9);
 }
 
 static inline uint64_t
@@ -421,7 +342,6 @@ Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "window must be a power of two from 1 MiB to 4 GiB");
         return NULL;
     }
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     RingObject *self = pp_ring_alloc(type);
     if (self == NULL) {
         return NULL;
@@ -458,7 +378,6 @@ Ring_attach(PyObject *cls, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "invalid ring handle");
         return NULL;
     }
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     RingObject *self = pp_ring_alloc((PyTypeObject *)cls);
     if (self == NULL) {
         return NULL;
@@ -613,7 +532,7 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t h
     uint64_t W = r->window;
     uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 16 : p->total);
     uint64_t rec = 8 + pp_q_round(body, 8);
-    uint32_t me = pp_q_getpid();
+    uint32_t me = pp_self_pid();
     if (!pp_q_trylock(&h->plock, me)) {
         return PP_TRY_BUSY;
     }
@@ -789,7 +708,7 @@ pp_ring_tryget(RingObject *r, pp_got *g)
 {
     pp_qhdr *h = r->h;
     uint64_t W = r->window;
-    uint32_t me = pp_q_getpid();
+    uint32_t me = pp_self_pid();
     if (!pp_q_trylock(&h->glock, me)) {
         return PP_TRY_BUSY;
     }
@@ -1011,7 +930,7 @@ Ring_task_done(RingObject *self, PyObject *Py_UNUSED(ignored))
         uint32_t nd = (uint32_t)((d + 1) & PP_Q_CNT_MASK);
         if (atomic_compare_exchange_weak(&h->done, &d, nd)) {
             if (unfinished == 1 && atomic_load(&h->join_waiters) != 0) {
-                pp_q_futex_wake(&h->done, INT_MAX);
+                pp_futex_wake(&h->done, INT_MAX);
             }
             Py_RETURN_NONE;
         }
@@ -1205,7 +1124,6 @@ static PyType_Spec RingBlock_spec = {
 int
 pp_queue_exec(PyObject *module, pp_state *Py_UNUSED(st))
 {
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     PyObject *bt = PyType_FromModuleAndSpec(module, &RingBlock_spec, NULL);
     if (bt == NULL || PyModule_AddObjectRef(module, "RingBlock", bt) < 0) {
         Py_XDECREF(bt);
