@@ -53,10 +53,10 @@ class _FF:
         self.q = faster_fifo.Queue(max_size_bytes=nbytes)
 
     def put(self, m):
-        self.q.put(m, True, 600.0)
+        self.q.put(m, True, 20.0)
 
     def get(self):
-        return self.q.get(True, 600.0)
+        return self.q.get(True, 20.0)
 
 
 def _producer(q, n, msg, times, slot, ready, nprocs):

@@ -49,6 +49,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -78,7 +79,8 @@
 #define PP_Q_POS_MASK ((1ULL << 34) - 1) /* positions are mod 2^34 >= 2 * the largest window */
 #define PP_Q_SLICE_NS 50000000LL         /* longest sleep between signal checks */
 #define PP_Q_LOCK_SLICE_NS 5000000LL     /* a lock waiter checks the owner this often */
-#define PP_Q_SPIN_NS 20000LL             /* a waiter polls this long before it sleeps */
+#define PP_Q_SPIN_NS 50000LL             /* a waiter polls this long before it sleeps */
+#define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
 #define PP_Q_ALIGN 64 /* heap parts start on cache lines (numpy alignment) */
 
@@ -162,11 +164,18 @@ pp_q_unlock(pp_qlock *l)
 static pp_status
 pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 {
-    for (int i = 0; i < 256; i++) {
-        if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
-            return PP_OK;
+    /* A lock is held for well under a microsecond, unless its holder lost its CPU: poll,
+     * then yield (the holder may be waiting for this CPU), then sleep. */
+    for (int round = 0; round < 8; round++) {
+        for (int i = 0; i < 32; i++) {
+            if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
+                return PP_OK;
+            }
+            pp_cpu_relax();
         }
-        pp_cpu_relax();
+        if (round > 0) {
+            sched_yield();
+        }
     }
     uint32_t owner = atomic_load(&l->word);
     if (owner == 0) {
@@ -195,23 +204,35 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 }
 
 /* Waits (GIL released) until *word differs from `seen`, a slice ends, or the deadline passes
- * (PP_ERR_TIMEOUT). Spins briefly first: a reply often arrives within microseconds. */
+ * (PP_ERR_TIMEOUT). Polls first, since a reply often comes within microseconds; the poll yields
+ * the CPU every PP_Q_YIELD_NS, because on a machine with more runnable processes than CPUs the
+ * peer that would change the word may be waiting for this very CPU (a plain spin then costs
+ * the whole spin, and a futex sleep and wake-up tens of microseconds more). */
 static pp_status
 pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
 {
     long long now = pp_now_ns();
     long long spin_end = now + PP_Q_SPIN_NS;
+    long long yield_at = now + PP_Q_YIELD_NS;
     if (deadline >= 0 && deadline < spin_end) {
         spin_end = deadline;
     }
     while (now < spin_end) {
-        for (int i = 0; i < 64; i++) {
+        for (int i = 0; i < 32; i++) {
             if (atomic_load_explicit(word, memory_order_acquire) != seen) {
                 return PP_OK;
             }
             pp_cpu_relax();
         }
         now = pp_now_ns();
+        if (now >= yield_at) {
+            sched_yield();
+            now = pp_now_ns();
+            yield_at = now + PP_Q_YIELD_NS;
+        }
+    }
+    if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+        return PP_OK;
     }
     if (deadline >= 0 && now >= deadline) {
         return PP_ERR_TIMEOUT;
