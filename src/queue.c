@@ -449,11 +449,14 @@ Ring_dealloc(RingObject *self)
     Py_DECREF(tp);
 }
 
-/* The parts of a message being put: buffers held for the duration of the call. */
+/* The parts of a message being put: buffers held for the duration of the call (in `local`
+ * for the usual one to four parts, so that a small put allocates nothing). */
+#define PP_Q_LOCAL_PARTS 4
 typedef struct {
     Py_ssize_t n;
     Py_buffer *bufs;
     uint64_t total; /* sum of lengths */
+    Py_buffer local[PP_Q_LOCAL_PARTS];
 } pp_parts;
 
 static void
@@ -462,17 +465,31 @@ pp_parts_release(pp_parts *p)
     for (Py_ssize_t i = 0; i < p->n; i++) {
         PyBuffer_Release(&p->bufs[i]);
     }
-    PyMem_Free(p->bufs);
+    if (p->bufs != p->local) {
+        PyMem_Free(p->bufs);
+    }
     p->bufs = NULL;
     p->n = 0;
 }
 
+/* `seq` is a list or tuple of buffers, or one buffer (a one-part message). */
 static int
 pp_parts_get(PyObject *seq, pp_parts *p)
 {
     p->n = 0;
-    p->bufs = NULL;
+    p->bufs = p->local;
     p->total = 0;
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+        if (PyObject_GetBuffer(seq, &p->local[0], PyBUF_SIMPLE) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_SetString(PyExc_TypeError, "parts must be a buffer or a sequence of buffers");
+            }
+            return -1;
+        }
+        p->n = 1;
+        p->total = (uint64_t)p->local[0].len;
+        return 0;
+    }
     PyObject *fast = PySequence_Fast(seq, "parts must be a sequence of buffers");
     if (fast == NULL) {
         return -1;
@@ -483,11 +500,13 @@ pp_parts_get(PyObject *seq, pp_parts *p)
         PyErr_SetString(PyExc_ValueError, "a message has 1 to 65535 parts");
         return -1;
     }
-    p->bufs = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    if (p->bufs == NULL) {
-        Py_DECREF(fast);
-        PyErr_NoMemory();
-        return -1;
+    if (n > PP_Q_LOCAL_PARTS) {
+        p->bufs = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+        if (p->bufs == NULL) {
+            Py_DECREF(fast);
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &p->bufs[i], PyBUF_SIMPLE) < 0) {
@@ -700,13 +719,16 @@ done:
 }
 
 /* One attempt to get (GIL held). On PP_TRY_DONE, *tag_out and the parts are set: `objs` holds
- * nparts new bytes/bytearray objects (inline) or one RingBlock (heap), with `lens`. */
+ * nparts new bytes/bytearray objects (inline) or one RingBlock (heap), with `lens` (in the
+ * local arrays for up to PP_Q_LOCAL_PARTS parts). */
 typedef struct {
     int tag;
     int heap;
     Py_ssize_t n;
     PyObject **objs;
     uint64_t *lens;
+    PyObject *local_objs[PP_Q_LOCAL_PARTS];
+    uint64_t local_lens[PP_Q_LOCAL_PARTS];
 } pp_got;
 
 static void
@@ -717,8 +739,12 @@ pp_got_clear(pp_got *g)
             Py_XDECREF(g->objs[i]);
         }
     }
-    PyMem_Free(g->objs);
-    PyMem_Free(g->lens);
+    if (g->objs != g->local_objs) {
+        PyMem_Free(g->objs);
+    }
+    if (g->lens != g->local_lens) {
+        PyMem_Free(g->lens);
+    }
     g->objs = NULL;
     g->lens = NULL;
     g->n = 0;
@@ -757,10 +783,17 @@ pp_ring_tryget(RingObject *r, pp_got *g)
     }
     g->tag = hd->tag;
     g->heap = heap;
-    g->objs = PyMem_Calloc((size_t)n, sizeof(PyObject *));
-    g->lens = PyMem_Calloc((size_t)n, sizeof(uint64_t));
-    if (g->objs == NULL || g->lens == NULL) {
-        goto nomem;
+    if (n <= PP_Q_LOCAL_PARTS) {
+        memset(g->local_objs, 0, sizeof(g->local_objs));
+        g->objs = g->local_objs;
+        g->lens = g->local_lens;
+    }
+    else {
+        g->objs = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+        g->lens = PyMem_Calloc((size_t)n, sizeof(uint64_t));
+        if (g->objs == NULL || g->lens == NULL) {
+            goto nomem;
+        }
     }
     g->n = n;
     uint64_t *lens = words + (heap ? 2 : 0);
@@ -862,7 +895,17 @@ pp_got_result(pp_got *g)
             g->objs[i] = NULL;
         }
     }
-    res = Py_BuildValue("(iN)", g->tag, py_parts); /* N steals py_parts */
+    PyObject *tag = PyLong_FromLong(g->tag);
+    if (tag == NULL) {
+        goto error;
+    }
+    res = PyTuple_New(2);
+    if (res == NULL) {
+        Py_DECREF(tag);
+        goto error;
+    }
+    PyTuple_SET_ITEM(res, 0, tag);      /* steals */
+    PyTuple_SET_ITEM(res, 1, py_parts); /* steals */
     py_parts = NULL;
 error:
     Py_XDECREF(py_parts);
