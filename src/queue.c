@@ -69,7 +69,7 @@
 #define FALLOC_FL_PUNCH_HOLE 0x02
 #endif
 
-#define PP_Q_MAGIC 0x7070717565756531ULL /* "ppqueue1" */
+#define PP_Q_MAGIC 0x7070717565756532ULL /* "ppqueue2" */
 #define PP_Q_DATA_OFF 4096               /* the header page */
 #define PP_Q_WINDOW_DEFAULT (1ULL << 32)
 #define PP_Q_BLOCK (256u * 1024u) /* consumed window memory is given back in these units */
@@ -83,6 +83,10 @@
 #define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
 #define PP_Q_ALIGN 64 /* heap parts start on cache lines (numpy alignment) */
+#define PP_Q_SLOTS 64                 /* recycled regions per ring */
+#define PP_Q_SLOT_MAX (8ULL << 20)    /* the biggest message a recycled region carries */
+#define PP_Q_CACHE_MAX (32ULL << 20)  /* free recycled regions keep at most this much memory */
+#define PP_Q_PID_MASK 0xffffffffULL
 
 enum { PP_REC_PAD = 1, PP_REC_INLINE = 2, PP_REC_HEAP = 3 };
 
@@ -98,13 +102,23 @@ typedef struct {
     _Atomic uint32_t waiters;
 } pp_qlock;
 
+/* A recycled region: PP_Q_SLOT_MAX bytes of the file at slot_base + index * PP_Q_SLOT_MAX. */
+typedef struct {
+    _Atomic uint64_t state; /* generation << 32 | holder pid; holder 0: free for the next message */
+    _Atomic uint64_t pos;   /* ring position of the record carrying it (stored before the commit) */
+    _Atomic uint64_t len;   /* bytes allocated from its start (changed only by its holder) */
+    _Atomic uint64_t uses;  /* messages it carried (diagnostics) */
+} pp_qslot;
+
 typedef struct {
     uint64_t magic;
     uint64_t window;
     uint64_t heap_base;
-    _Atomic uint64_t heap_next;  /* next heap file offset; only grows */
+    _Atomic uint64_t heap_next;  /* next fresh heap file offset; only grows */
     _Atomic uint64_t recoveries; /* locks freed from dead owners (diagnostics) */
-    char pad0[24];
+    uint64_t slot_base;          /* file offset of the recycled regions */
+    _Atomic uint64_t reclaims;   /* recycled regions taken back from dead holders (diagnostics) */
+    char pad0[8];
     pp_qlock plock;
     _Atomic uint64_t P;
     _Atomic uint32_t put_seq;     /* futex: bumped after each put */
@@ -118,6 +132,7 @@ typedef struct {
     char pad2[32];
     _Atomic uint32_t done; /* task_done() calls mod 2^30; futex for join() */
     _Atomic uint32_t join_waiters;
+    _Alignas(64) pp_qslot slots[PP_Q_SLOTS];
 } pp_qhdr;
 
 typedef struct {
@@ -134,11 +149,14 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    RingObject *ring; /* strong: keeps the fd open for the punch at the end */
+    RingObject *ring; /* strong: keeps the mapping and the fd for the release at the end */
     char *addr;
     size_t len;
     uint64_t off;
     Py_ssize_t exports;
+    int slot;       /* the recycled region's index, or -1: a fresh region mapped for this block */
+    uint32_t owner; /* the process that took the message (the one that gives the region back) */
+    uint64_t held;  /* the slot's state while this block holds it */
 } RingBlockObject;
 
 /* ---- locks ---- */
@@ -295,8 +313,8 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
         return -1;
     }
     self->ino = (unsigned long long)sb.st_ino;
+    pp_qhdr probe;
     if (!create) {
-        pp_qhdr probe;
         if (pread(fd, &probe, sizeof(probe), 0) != (ssize_t)sizeof(probe) ||
             probe.magic != PP_Q_MAGIC) {
             errno = EINVAL;
@@ -304,10 +322,16 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
         }
         window = probe.window;
     }
-    else if (ftruncate(fd, (off_t)(PP_Q_DATA_OFF + window)) < 0) {
+    uint64_t slot_base = pp_q_round(PP_Q_DATA_OFF + window, 1 << 21);
+    uint64_t heap_base = slot_base + PP_Q_SLOTS * PP_Q_SLOT_MAX;
+    if (!create && (probe.slot_base != slot_base || probe.heap_base != heap_base)) {
+        errno = EINVAL;
         return -1;
     }
-    size_t len = (size_t)(PP_Q_DATA_OFF + window);
+    if (create && ftruncate(fd, (off_t)heap_base) < 0) {
+        return -1;
+    }
+    size_t len = (size_t)heap_base; /* the header, the window and the recycled regions */
     void *addr = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (addr == MAP_FAILED) {
         return -1;
@@ -320,8 +344,9 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
     self->window = window;
     if (create) {
         self->h->window = window;
-        self->h->heap_base = pp_q_round(PP_Q_DATA_OFF + window, 1 << 21);
-        atomic_store(&self->h->heap_next, self->h->heap_base);
+        self->h->slot_base = slot_base;
+        self->h->heap_base = heap_base;
+        atomic_store(&self->h->heap_next, heap_base);
         atomic_thread_fence(memory_order_release);
         self->h->magic = PP_Q_MAGIC; /* last: attachers check it */
     }
@@ -528,49 +553,210 @@ pp_ring_punch(RingObject *r, uint64_t off, uint64_t len)
     (void)fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
 
-/* Writes the parts into a new heap region (GIL released by the caller: touches no Python
- * object, only the held buffers). */
-static pp_status
-pp_heap_write(RingObject *r, pp_parts *p, uint64_t *off_out, uint64_t *len_out, int *err)
+/* ---- recycled regions ---- */
+
+static inline uint64_t
+pp_slot_off(pp_qhdr *h, int i)
 {
+    return h->slot_base + (uint64_t)i * PP_Q_SLOT_MAX;
+}
+
+/* What a HEAP record carries to name recycled region i held in state s. */
+static inline uint64_t
+pp_slot_ref(int i, uint64_t s)
+{
+    return (s & ~PP_Q_PID_MASK) | (uint64_t)(i + 1);
+}
+
+/* Whether region i (in state s) is carried by a message still in the ring: its record lies
+ * in [head, tail) and names this generation. A stale read (the record taken and overwritten
+ * meanwhile) answers "no", which is safe: the caller's compare-exchange then fails, because
+ * the consumer changed the state before it committed the get. */
+static int
+pp_slot_queued(RingObject *r, int i, uint64_t s)
+{
+    pp_qhdr *h = r->h;
+    uint64_t G = atomic_load(&h->G);
+    uint64_t P = atomic_load(&h->P);
+    uint64_t head = G >> PP_Q_CNT_BITS, tail = P >> PP_Q_CNT_BITS;
+    uint64_t pos = atomic_load(&h->slots[i].pos);
+    if (((pos - head) & PP_Q_POS_MASK) >= ((tail - head) & PP_Q_POS_MASK)) {
+        return 0;
+    }
+    uint64_t off = pos & (r->window - 1);
+    if (off + 32 > r->window) {
+        return 0;
+    }
+    const volatile pp_qrec *hd = (const volatile pp_qrec *)(r->data + off);
+    const volatile uint64_t *w = (const volatile uint64_t *)(r->data + off + 8);
+    return hd->kind == PP_REC_HEAP && w[2] == pp_slot_ref(i, s);
+}
+
+/* Takes a recycled region for a message of `need` bytes (GIL released or held; touches no
+ * Python object): the free one that fits best, else one whose holder died (a consumer killed
+ * while it held a received message, or a producer killed before its put committed). Its
+ * index, *held set to its new state; -1 when none is to be had. */
+static int
+pp_slot_claim(RingObject *r, uint64_t need, uint64_t *held)
+{
+    pp_qhdr *h = r->h;
+    uint32_t me = pp_self_pid();
+    for (int attempt = 0; attempt < 4; attempt++) {
+        int best = -1;
+        uint64_t best_len = 0, best_s = 0;
+        for (int i = 0; i < PP_Q_SLOTS; i++) {
+            uint64_t st = atomic_load_explicit(&h->slots[i].state, memory_order_relaxed);
+            if ((st & PP_Q_PID_MASK) != 0) {
+                continue;
+            }
+            uint64_t len = atomic_load_explicit(&h->slots[i].len, memory_order_relaxed);
+            /* the smallest that fits, else the biggest (it grows the least) */
+            int better = best < 0 || (len >= need ? best_len < need || len < best_len
+                                                  : best_len < need && len > best_len);
+            if (better) {
+                best = i;
+                best_len = len;
+                best_s = st;
+            }
+        }
+        if (best < 0) {
+            break;
+        }
+        uint64_t ns = ((((best_s >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[best].state, &best_s, ns)) {
+            *held = ns;
+            return best;
+        }
+    }
+    for (int i = 0; i < PP_Q_SLOTS; i++) {
+        uint64_t st = atomic_load(&h->slots[i].state);
+        uint32_t pid = (uint32_t)(st & PP_Q_PID_MASK);
+        if (pid == 0 || pid == me || !pp_proc_dead((pid_t)pid) || pp_slot_queued(r, i, st)) {
+            continue;
+        }
+        uint64_t ns = ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[i].state, &st, ns)) {
+            atomic_fetch_add(&h->reclaims, 1);
+            *held = ns;
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Gives region i (held in state `held`) back for the next message. Its memory stays allocated
+ * (the next message needs no page faults) unless the free regions already keep
+ * PP_Q_CACHE_MAX: then it is punched out. */
+static void
+pp_slot_release(RingObject *r, int i, uint64_t held)
+{
+    pp_qhdr *h = r->h;
+    uint64_t kept = 0;
+    for (int j = 0; j < PP_Q_SLOTS; j++) {
+        if ((atomic_load_explicit(&h->slots[j].state, memory_order_relaxed) & PP_Q_PID_MASK) ==
+            0) {
+            kept += atomic_load_explicit(&h->slots[j].len, memory_order_relaxed);
+        }
+    }
+    uint64_t len = atomic_load(&h->slots[i].len);
+    if (len > 0 && kept + len > PP_Q_CACHE_MAX) {
+        pp_ring_punch(r, pp_slot_off(h, i), len);
+        atomic_store(&h->slots[i].len, 0);
+    }
+    (void)atomic_compare_exchange_strong(&h->slots[i].state, &held, held & ~PP_Q_PID_MASK);
+}
+
+/* Where a big message goes: a recycled region, or a fresh one of its own. */
+typedef struct {
+    uint64_t off, len; /* file offset and length (len 0: none yet) */
+    int slot;          /* recycled region, or -1 */
+    uint64_t held;     /* its state while this put holds it */
+} pp_region;
+
+/* Writes the parts into a region (GIL released by the caller: touches no Python object, only
+ * the held buffers): a recycled one when the message fits one and one is free, else a new
+ * one at a never-used offset of the file. */
+static pp_status
+pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
+{
+    pp_qhdr *h = r->h;
     uint64_t need = 0;
     for (Py_ssize_t i = 0; i < p->n; i++) {
         need += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
     uint64_t len = pp_q_round(need > 0 ? need : 1, 4096);
-    uint64_t off = atomic_fetch_add(&r->h->heap_next, len);
-    if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
-        *err = errno;
-        return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+    rg->slot = len <= PP_Q_SLOT_MAX ? pp_slot_claim(r, len, &rg->held) : -1;
+    char *dst;
+    uint64_t off;
+    if (rg->slot >= 0) {
+        off = pp_slot_off(h, rg->slot);
+        uint64_t have = atomic_load(&h->slots[rg->slot].len);
+        if (have < len) {
+            /* allocate now, so that a full memory gives an error rather than SIGBUS */
+            if (fallocate(r->fd, 0, (off_t)(off + have), (off_t)(len - have)) < 0) {
+                *err = errno;
+                pp_slot_release(r, rg->slot, rg->held);
+                rg->slot = -1;
+                return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM
+                                                                           : PP_ERR_OS;
+            }
+            atomic_store(&h->slots[rg->slot].len, len);
+        }
+        atomic_fetch_add_explicit(&h->slots[rg->slot].uses, 1, memory_order_relaxed);
+        dst = r->base + off;
     }
-    char *dst =
-        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
-    if (dst == MAP_FAILED) {
-        *err = errno;
-        pp_ring_punch(r, off, len);
-        return PP_ERR_OS;
+    else {
+        off = atomic_fetch_add(&h->heap_next, len);
+        if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
+            *err = errno;
+            return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+        }
+        dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
+        if (dst == MAP_FAILED) {
+            *err = errno;
+            pp_ring_punch(r, off, len);
+            return PP_ERR_OS;
+        }
     }
     uint64_t at = 0;
     for (Py_ssize_t i = 0; i < p->n; i++) {
         memcpy(dst + at, p->bufs[i].buf, (size_t)p->bufs[i].len);
         at += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
-    munmap(dst, len);
-    *off_out = off;
-    *len_out = len;
+    if (rg->slot < 0) {
+        munmap(dst, len);
+    }
+    rg->off = off;
+    rg->len = len;
     return PP_OK;
+}
+
+/* Gives back the region of a message that was not put. */
+static void
+pp_region_drop(RingObject *r, pp_region *rg)
+{
+    if (rg->len == 0) {
+        return;
+    }
+    if (rg->slot >= 0) {
+        pp_slot_release(r, rg->slot, rg->held);
+    }
+    else {
+        pp_ring_punch(r, rg->off, rg->len);
+    }
+    rg->len = 0;
 }
 
 enum { PP_TRY_DONE = 1, PP_TRY_FULL = 0, PP_TRY_BUSY = -2 };
 
-/* One attempt to put (GIL held, nothing allocated). heap_len == 0: inline. */
+/* One attempt to put (GIL held, nothing allocated). rg->len == 0: inline. */
 static int
-pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t heap_off,
-               uint64_t heap_len)
+pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_region *rg)
 {
+    uint64_t heap_len = rg->len;
     pp_qhdr *h = r->h;
     uint64_t W = r->window;
-    uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 16 : p->total);
+    uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 24 : p->total);
     uint64_t rec = 8 + pp_q_round(body, 8);
     uint32_t me = pp_self_pid();
     if (!pp_q_trylock(&h->plock, me)) {
@@ -604,8 +790,13 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t h
     hd->nparts = (uint16_t)p->n;
     uint64_t *words = (uint64_t *)(at + 8);
     if (heap_len) {
-        *words++ = heap_off;
+        *words++ = rg->off;
         *words++ = heap_len;
+        *words++ = rg->slot >= 0 ? pp_slot_ref(rg->slot, rg->held) : 0;
+        if (rg->slot >= 0) {
+            /* where the message is, for pp_slot_queued(); stored before the commit */
+            atomic_store(&h->slots[rg->slot].pos, (tail + pad) & PP_Q_POS_MASK);
+        }
     }
     for (Py_ssize_t i = 0; i < p->n; i++) {
         words[i] = (uint64_t)p->bufs[i].len;
@@ -658,19 +849,19 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     pp_qhdr *h = self->h;
     long long deadline = block ? pp_q_deadline(timeout) : 0;
-    uint64_t heap_off = 0, heap_len = 0;
+    pp_region rg = {0, 0, -1, 0};
     uint64_t inline_size = 8 + 8 * (uint64_t)p.n + p.total;
     PyObject *result = NULL;
     for (;;) {
         uint32_t seen = atomic_load(&h->get_seq);
-        if (inline_size > PP_Q_INLINE_MAX && heap_len == 0) {
+        if (inline_size > PP_Q_INLINE_MAX && rg.len == 0) {
             /* Big message: write it out of the lock, once there is room for it. */
             uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
             if (maxsize == 0 || pp_q_count(P, G) < maxsize) {
                 pp_status st;
                 int err = 0;
                 Py_BEGIN_ALLOW_THREADS
-                st = pp_heap_write(self, &p, &heap_off, &heap_len, &err);
+                st = pp_heap_write(self, &p, &rg, &err);
                 Py_END_ALLOW_THREADS
                 if (st != PP_OK) {
                     pp_raise(st, err);
@@ -679,11 +870,11 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         int r = PP_TRY_FULL;
-        if (inline_size <= PP_Q_INLINE_MAX || heap_len != 0) {
-            r = pp_ring_tryput(self, (int)tag, &p, maxsize, heap_off, heap_len);
+        if (inline_size <= PP_Q_INLINE_MAX || rg.len != 0) {
+            r = pp_ring_tryput(self, (int)tag, &p, maxsize, &rg);
         }
         if (r == PP_TRY_DONE) {
-            heap_len = 0; /* the region belongs to the message now */
+            rg.len = 0; /* the region belongs to the message now */
             result = Py_NewRef(Py_True);
             goto done;
         }
@@ -711,9 +902,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 done:
-    if (heap_len != 0) {
-        pp_ring_punch(self, heap_off, heap_len);
-    }
+    pp_region_drop(self, &rg);
     pp_parts_release(&p);
     return result;
 }
@@ -796,12 +985,33 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         }
     }
     g->n = n;
-    uint64_t *lens = words + (heap ? 2 : 0);
+    uint64_t *lens = words + (heap ? 3 : 0);
     memcpy(g->lens, lens, (size_t)n * sizeof(uint64_t));
     if (heap) {
-        uint64_t hoff = words[0], hlen = words[1];
-        char *addr =
-            mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)hoff);
+        uint64_t hoff = words[0], hlen = words[1], ref = words[2];
+        int slot = -1;
+        uint64_t held = 0;
+        char *addr;
+        if (ref != 0) {
+            /* A recycled region: mapped already. This process becomes its holder before the
+             * get commits, so that it is never seen both unheld and out of the ring. */
+            slot = (int)((ref & PP_Q_PID_MASK) - 1);
+            if (slot < 0 || slot >= PP_Q_SLOTS || hoff != pp_slot_off(h, slot) ||
+                hlen > PP_Q_SLOT_MAX ||
+                (atomic_load(&h->slots[slot].state) & ~PP_Q_PID_MASK) != (ref & ~PP_Q_PID_MASK)) {
+                pp_q_unlock(&h->glock);
+                pp_got_clear(g);
+                PyErr_SetString(PyExc_RuntimeError, "queue memory is corrupted");
+                return -1;
+            }
+            held = (ref & ~PP_Q_PID_MASK) | me;
+            atomic_store(&h->slots[slot].state, held);
+            addr = r->base + hoff;
+        }
+        else {
+            addr = mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+                        (off_t)hoff);
+        }
         if (addr == MAP_FAILED) {
             int err = errno;
             pp_q_unlock(&h->glock);
@@ -814,13 +1024,18 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         RingBlockObject *b = (RingBlockObject *)((PyTypeObject *)r->block_type)
                                  ->tp_alloc((PyTypeObject *)r->block_type, 0);
         if (b == NULL) {
-            munmap(addr, hlen);
+            if (slot < 0) {
+                munmap(addr, hlen);
+            } /* else the region stays with the message, which is not taken */
             goto nomem;
         }
         b->ring = (RingObject *)Py_NewRef(r);
         b->addr = addr;
         b->len = hlen;
         b->off = hoff;
+        b->slot = slot;
+        b->owner = me;
+        b->held = held;
         g->objs[0] = (PyObject *)b;
     }
     else {
@@ -1051,14 +1266,45 @@ Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     pp_qhdr *h = self->h;
     uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
+    unsigned long long slot_bytes = 0, slot_uses = 0, slots_free = 0;
+    for (int i = 0; i < PP_Q_SLOTS; i++) {
+        slot_bytes += atomic_load(&h->slots[i].len);
+        slot_uses += atomic_load(&h->slots[i].uses);
+        slots_free += (atomic_load(&h->slots[i].state) & PP_Q_PID_MASK) == 0;
+    }
+    unsigned long long fresh = atomic_load(&h->heap_next) - h->heap_base;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS), "head",
-        (unsigned long long)(G >> PP_Q_CNT_BITS), "freed", (unsigned long long)atomic_load(&h->F),
-        "puts", (unsigned long long)(P & PP_Q_CNT_MASK), "gets",
-        (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used",
-        (unsigned long long)(atomic_load(&h->heap_next) - h->heap_base), "recoveries",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS),
+        "head", (unsigned long long)(G >> PP_Q_CNT_BITS), "freed",
+        (unsigned long long)atomic_load(&h->F), "puts", (unsigned long long)(P & PP_Q_CNT_MASK),
+        "gets", (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes,
+        "fresh_used", fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free",
+        slots_free, "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
         (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
         "put_lock", (unsigned int)atomic_load(&h->plock.word));
+}
+
+PyDoc_STRVAR(Ring_slot_doc, "_slot_for_test($self, index, pid, /)\n--\n\n"
+                            "Makes process `pid` the holder of recycled region `index` (in a new "
+                            "generation, carried by no message). Tests use it to leave a region "
+                            "held by a dead process.");
+
+static PyObject *
+Ring_slot_for_test(RingObject *self, PyObject *args)
+{
+    int index;
+    unsigned int pid;
+    if (!PyArg_ParseTuple(args, "iI:_slot_for_test", &index, &pid)) {
+        return NULL;
+    }
+    if (index < 0 || index >= PP_Q_SLOTS) {
+        PyErr_SetString(PyExc_IndexError, "no such region");
+        return NULL;
+    }
+    pp_qslot *sl = &self->h->slots[index];
+    uint64_t st = atomic_load(&sl->state);
+    atomic_store(&sl->state, ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | pid);
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(Ring_lock_doc, "_lock_for_test($self, which, pid, /)\n--\n\n"
@@ -1094,6 +1340,7 @@ static PyMethodDef Ring_methods[] = {
     {"join", (PyCFunction)Ring_join, METH_O, Ring_join_doc},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, Ring_stats_doc},
     {"_lock_for_test", (PyCFunction)Ring_lock_for_test, METH_VARARGS, Ring_lock_doc},
+    {"_slot_for_test", (PyCFunction)Ring_slot_for_test, METH_VARARGS, Ring_slot_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1137,8 +1384,20 @@ RingBlock_dealloc(RingBlockObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     if (self->addr != NULL) {
-        munmap(self->addr, self->len);
-        pp_ring_punch(self->ring, self->off, self->len);
+        /* Only the process that took the message gives its region back (not a child that
+         * inherited this block by fork while the parent still uses the region). */
+        int mine = self->owner == pp_self_pid();
+        if (self->slot >= 0) {
+            if (mine) {
+                pp_slot_release(self->ring, self->slot, self->held);
+            }
+        }
+        else {
+            munmap(self->addr, self->len);
+            if (mine) {
+                pp_ring_punch(self->ring, self->off, self->len);
+            }
+        }
     }
     Py_XDECREF(self->ring);
     tp->tp_free((PyObject *)self);
@@ -1200,5 +1459,10 @@ pp_queue_exec(PyObject *module, pp_state *Py_UNUSED(st))
         return -1;
     }
     Py_DECREF(rt);
+    if (PyModule_AddIntConstant(module, "RING_SLOTS", PP_Q_SLOTS) < 0 ||
+        PyModule_AddIntConstant(module, "RING_SLOT_MAX", (long)PP_Q_SLOT_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "RING_CACHE_MAX", (long)PP_Q_CACHE_MAX) < 0) {
+        return -1;
+    }
     return PyModule_AddIntConstant(module, "RING_INLINE_MAX", PP_Q_INLINE_MAX);
 }
