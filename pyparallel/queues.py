@@ -62,6 +62,7 @@ _TAG_BYTES = 1    # Pipe.send_bytes: raw data
 _TAG_RAW = 2      # Queue.put of an exact bytes object: sent as is, received as bytes
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RECV_SPIN_S = 50e-6   # how long recv waits on the ring before it sleeps on the fd
 
 
 class _Pickler(pickle.Pickler):
@@ -74,13 +75,19 @@ _pdumps = pickle.dumps
 _ploads = pickle.loads
 
 
-_picklers = []   # idle (BytesIO, _Pickler, buffer list) triples: making a pickler costs a microsecond
+class _Sink:
+    """A pickler's file: keeps what it writes (no copy, unlike io.BytesIO.getvalue)."""
+    __slots__ = ("write",)
+
+
+_picklers = []   # idle (pickler, chunks, buffers) triples: making a pickler costs a microsecond
 
 
 def _new_pickler():
-    f = io.BytesIO()
-    bufs = []
-    return f, _Pickler(f, 5, buffer_callback=bufs.append), bufs
+    chunks, bufs = [], []
+    sink = _Sink()
+    sink.write = chunks.append
+    return _Pickler(sink, 5, buffer_callback=bufs.append), chunks, bufs
 
 
 def _dumps(obj):
@@ -94,14 +101,17 @@ def _dumps(obj):
         st = _picklers.pop()
     except IndexError:
         st = _new_pickler()
-    f, p, bufs = st
+    p, chunks, bufs = st
     p.dump(obj)              # on an error the pickler is dropped, not reused
-    data = f.getvalue()
-    parts = [data] + [b.raw() for b in bufs] if bufs else data
     p.clear_memo()           # drops the references the memo holds
-    bufs.clear()
-    f.seek(0)
-    f.truncate()
+    # (a big bytes-like payload is written as the object itself: join copies it now)
+    data = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
+    chunks.clear()
+    if bufs:
+        parts = [data] + [b.raw() for b in bufs]
+        bufs.clear()
+    else:
+        parts = data
     _picklers.append(st)
     return parts
 
@@ -474,8 +484,12 @@ class Connection:
 
     def _recv_msg(self):
         ring = self._in.ring
+        # A reply often comes within microseconds: wait on the ring itself for a moment (it
+        # polls, then yields) before sleeping in poll() on the fd, which costs a wake-up.
+        msg = ring.get(False, 0.0) or ring.get(True, _RECV_SPIN_S)
         while True:
-            msg = ring.get(False, 0.0)
+            if msg is None:
+                msg = ring.get(False, 0.0)
             if msg is not None:
                 # The byte that goes with it (written just after the commit; b"" if its
                 # writer died in between).

@@ -234,6 +234,11 @@ def test_picklers_are_reused_safely():
     assert ref() is None
     q.put({"a": [1, 2]})
     assert q.get() == {"a": [1, 2]} and q.qsize() == 0
+    ba = bytearray(300_000)                   # big in-band payloads: copied at put
+    q.put([ba, bytes(200_000), "tail"])
+    ba[:] = b"\x01" * len(ba)
+    got = q.get()
+    assert got == [bytearray(300_000), bytes(200_000), "tail"] and type(got[0]) is bytearray
 
 
 def test_joinable_queue_join_and_task_done():
