@@ -1,19 +1,25 @@
 /* queue.c: Ring, the many-producer many-consumer shared-memory queue under pyparallel's Queue,
  * JoinableQueue, SimpleQueue and Pipe, and RingBlock, a received big message read in place.
  *
- * Layout. One memfd (nothing in /dev/shm) per ring, mapped whole by every process that uses it:
- *   [header page][ring window: W bytes, sparse][heap: one region per big message, sparse]
+ * Layout. One memfd (nothing in /dev/shm) per ring; every process that uses it maps all but
+ * the fresh heap once:
+ *   [header page][ring window: W bytes, sparse][recycled regions: 64 x 8 MiB, sparse]
+ *   [fresh heap: one region per big message that found no recycled region, sparse]
  * The window is virtual (4 GiB by default): memory exists only where messages are. Consumers
  * give consumed memory back to the kernel in blocks (fallocate PUNCH_HOLE), so a ring costs
  * what its pending messages take, not its window.
  *
  * Records. A message is one 8-aligned record at `tail`: {u32 size, u8 kind, u8 tag, u16 nparts}
  * then the u64 length of each part (the pickle, then its out-of-band buffers). INLINE records
- * carry the parts' bytes after the lengths. A message bigger than PP_Q_INLINE_MAX goes to a
- * heap region of its own at a never-reused file offset; its HEAP record carries {offset, length}
- * and the consumer maps that region and reads the buffers in place (zero-copy for numpy); the
- * region is punched out when the last view of it dies. A record that would cross the end of
- * the window is preceded by a PAD record that sends the reader back to offset 0.
+ * carry the parts' bytes after the lengths. A message bigger than PP_Q_INLINE_MAX goes out of
+ * band: its HEAP record carries {offset, length, region ref} and the consumer reads the buffers
+ * in place (zero-copy for numpy) until the last view of them dies. Up to PP_Q_SLOT_MAX it goes
+ * into a recycled region (ref = generation << 32 | index + 1): one of PP_Q_SLOTS fixed slices
+ * of the file, mapped once, whose memory stays allocated from one message to the next, since
+ * allocating and faulting in fresh shared pages costs far more than copying into warm ones.
+ * Bigger messages (or all regions busy) get a fresh region at a never-reused offset (ref 0),
+ * mapped per message and punched out at the end. A record that would cross the end of the
+ * window is preceded by a PAD record that sends the reader back to offset 0.
  *
  * Commit protocol (the state is consistent at every instruction a process can die at):
  *   - P = tail position << 30 | puts mod 2^30, written only by producers under the put lock,
@@ -32,14 +38,32 @@
  *     except by the single store above.
  *   - The JoinableQueue count is done mod 2^30 (task_done() calls): unfinished = puts - done, so
  *     a producer killed mid-put can never leave join() waiting for an item that never arrived.
- *   - A heap region is written before its record is committed; a producer that dies in between
- *     leaks that region's pages until the ring itself is freed (the one message in flight).
+ *   - A fresh heap region is written before its record is committed; a producer that dies in
+ *     between leaks that region's pages until the ring itself is freed (the message in flight).
+ *   - A recycled region's state word is {generation, holder pid}, holder 0 meaning free. A
+ *     producer claims a free one by compare-exchange (new generation, its pid), writes the
+ *     message, stores the record's ring position in the region, and commits the put; the
+ *     region then belongs to the message. The consumer stores its own pid as the holder BEFORE
+ *     it commits the get, and the block it returns gives the region back (holder 0) when the
+ *     last view dies, in that process only (a forked child's inherited block does not). So a
+ *     region is held by a dead process only when that process was writing it (not yet
+ *     committed) or had taken its message; either way no record in [head, tail) names that
+ *     generation, and a producer that finds no free region takes such a one over (a
+ *     compare-exchange, so a consumer that took the message meanwhile wins). A region whose
+ *     message is still in the ring is never taken, whoever wrote it. Free regions keep their
+ *     memory up to PP_Q_CACHE_MAX in all; past that the one given back is punched out.
+ *     (A child that keeps using a block inherited by fork after its parent died may see that
+ *     region reused: a received message belongs to the process that took it.)
  * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
- * caller checks signals (Ctrl-C) between slices. The GIL is released only to wait; records
- * are read and written with the GIL held, and only non-GC objects (bytes, bytearray,
- * RingBlock) are allocated under a ring lock, so no Python code can run while one is held.
+ * caller checks signals (Ctrl-C) between slices. Before sleeping a waiter polls for up to
+ * PP_Q_SPIN_NS, yielding the CPU every PP_Q_YIELD_NS: replies often come within microseconds,
+ * and on a machine with more runnable processes than CPUs the peer may need this very CPU.
+ * The GIL is released only to wait and to copy a big message into its region (outside the
+ * locks); records are read and written with the GIL held, and only non-GC objects (bytes,
+ * bytearray, RingBlock) are allocated under a ring lock, so no Python code can run while one
+ * is held.
  *
  * The clock, futex, pid-liveness and cached-pid helpers are util.h's. */
 #define _GNU_SOURCE
