@@ -2,15 +2,18 @@
 SimpleQueue and Pipe, and faster-fifo (when installed: the `bench` extra), in the same run.
 
 Cases
-  throughput  P producers / C consumers (1/1 and 4/4), 64-byte and 1 MiB bytes messages.
-              Each producer waits at a start line, then puts its share; each consumer gets
-              its share. Time = last consumer's end - first producer's start, taken inside the
-              processes with perf_counter (CLOCK_MONOTONIC, common to all processes). Reported
-              as messages per second.
+  throughput  P producers / C consumers (1/1 and 4/4), 64-byte and 1 MiB bytes messages, and
+              (1/1) a small object that must be pickled: (int, float, 40-char str), 64 bytes
+              pickled. Each producer waits at a start line, then puts its share; each consumer
+              gets its share. Time = last consumer's end - first producer's start, taken inside
+              the processes with perf_counter (CLOCK_MONOTONIC, common to all processes).
+              Reported as messages per second.
   latency     ping-pong between two processes over two queues (or one duplex pipe), 64-byte
               messages; reported as microseconds per round trip.
 Method: fork start method; each case runs --repeats times (after one warm-up); the table shows
 the median and the spread (min-max) and the ratio to multiprocessing.Queue in the same run.
+A run whose processes fail or take longer than RUN_LIMIT_S (faster-fifo has been seen to hang
+at 1 MiB) marks that implementation "failed" for the case instead of stopping the benchmark.
 Caveats: a small shared machine gives noisy numbers, and 4/4 on 2 CPUs measures contention
 more than parallelism. Usage: python benchmarks/bench_ipc.py [--quick] [--repeats N] [--json P]
 """
@@ -26,6 +29,12 @@ import time
 import pyparallel as pp
 
 CTX = mp.get_context("fork")
+RUN_LIMIT_S = 120.0
+SMALL_OBJ = (12345, 2.5, "x" * 40)   # pickles to 64 bytes
+
+
+class RunFailed(Exception):
+    pass
 
 try:
     import faster_fifo
@@ -53,10 +62,10 @@ class _FF:
         self.q = faster_fifo.Queue(max_size_bytes=nbytes)
 
     def put(self, m):
-        self.q.put(m, True, 600.0)
+        self.q.put(m, True, RUN_LIMIT_S)
 
     def get(self):
-        return self.q.get(True, 600.0)
+        return self.q.get(True, RUN_LIMIT_S)
 
 
 def _producer(q, n, msg, times, slot, ready, nprocs):
@@ -79,9 +88,24 @@ def _consumer(q, n, times, slot, ready, nprocs):
     times[slot] = time.perf_counter()
 
 
+def _join_all(procs):
+    deadline = time.monotonic() + RUN_LIMIT_S
+    failed = False
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode != 0:
+            failed = True
+    if failed:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        raise RunFailed("a benchmark process failed or hung")
+
+
 def throughput(make, nprod, ncons, size, total):
     q = make()
-    msg = os.urandom(size)
+    msg = SMALL_OBJ if size == "obj" else os.urandom(size)
     times = pp.RawArray("d", nprod + ncons)
     ready = pp.RawValue("q", 0)
     nprocs = nprod + ncons
@@ -91,10 +115,7 @@ def throughput(make, nprod, ncons, size, total):
                                                   nprocs)) for k in range(ncons)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError("benchmark process failed")
+    _join_all(procs)
     return total / (max(times[nprod:]) - min(times[:nprod]))
 
 
@@ -132,13 +153,19 @@ def latency(make, n):
             qa.put(msg)
             qb.get()
         dt = time.perf_counter() - t0
-    p.join()
+    _join_all([p])
     return dt / (n - 1) * 1e6
 
 
-def _run(fn, repeats):
-    fn()   # warm-up
-    xs = [fn() for _ in range(repeats)]
+def _run(fn, repeats, label):
+    print("  %s ..." % label, end="", file=sys.stderr, flush=True)
+    try:
+        fn()   # warm-up
+        xs = [fn() for _ in range(repeats)]
+    except RunFailed as e:
+        print(" FAILED (%s)" % e, file=sys.stderr, flush=True)
+        return None
+    print(" done", file=sys.stderr, flush=True)
     return statistics.median(xs), min(xs), max(xs)
 
 
@@ -153,42 +180,50 @@ def main():
         platform.python_version(), platform.machine(), os.cpu_count(),
         getattr(faster_fifo, "__version__", "installed") if faster_fifo else "NOT installed"))
     rows = []
-    for nprod, ncons in ((1, 1), (4, 4)):
-        for size, total in ((64, 40_000), (1 << 20, 400)):
-            total = max(int(total * scale) // 4 * 4, 8)
-            case = "throughput %d/%d %s" % (nprod, ncons, "64 B" if size == 64 else "1 MiB")
-            base = None
-            for name, make in _queues(size).items():
-                if name.endswith("SimpleQueue") and (nprod, ncons) != (1, 1) and size > 64:
-                    pass
-                med, lo, hi = _run(lambda: throughput(make, nprod, ncons, size, total),
-                                   args.repeats)
-                if name == "multiprocessing.Queue":
-                    base = med
-                rows.append(dict(case=case, impl=name, unit="msg/s", median=med, min=lo, max=hi))
-            for r in rows:
-                if r["case"] == case:
-                    r["vs_mp_queue"] = r["median"] / base
+
+    def add(case, name, unit, res):
+        if res is None:
+            rows.append(dict(case=case, impl=name, unit=unit, failed=True))
+        else:
+            rows.append(dict(case=case, impl=name, unit=unit, median=res[0], min=res[1],
+                             max=res[2]))
+
+    cases = [(1, 1, 64, 40_000), (1, 1, "obj", 40_000), (1, 1, 1 << 20, 400),
+             (4, 4, 64, 40_000), (4, 4, 1 << 20, 400)]
+    for nprod, ncons, size, total in cases:
+        total = max(int(total * scale) // 4 * 4, 8)
+        case = "throughput %d/%d %s" % (nprod, ncons, {64: "64 B", "obj": "small obj",
+                                                       1 << 20: "1 MiB"}[size])
+        for name, make in _queues(64 if size == "obj" else size).items():
+            add(case, name, "msg/s",
+                _run(lambda: throughput(make, nprod, ncons, size, total), args.repeats,
+                     "%s %s" % (case, name)))
     n = max(int(4000 * scale), 200)
     lat = dict(_queues(64))
     lat["pyparallel.Pipe"] = "pyparallel.Pipe"
     lat["multiprocessing.Pipe"] = "multiprocessing.Pipe"
-    base = None
     case = "latency ping-pong 64 B"
     for name, make in lat.items():
-        med, lo, hi = _run(lambda: latency(make, n), args.repeats)
-        if name == "multiprocessing.Queue":
-            base = med
-        rows.append(dict(case=case, impl=name, unit="us/round trip", median=med, min=lo, max=hi))
+        add(case, name, "us/round trip", _run(lambda: latency(make, n), args.repeats,
+                                              "%s %s" % (case, name)))
     for r in rows:
-        if r["case"] == case:
-            r["vs_mp_queue"] = base / r["median"]   # > 1: faster than multiprocessing.Queue
+        base = [b for b in rows if b["case"] == r["case"] and b["impl"] == "multiprocessing.Queue"]
+        if r.get("failed") or not base or base[0].get("failed"):
+            r["vs_mp_queue"] = None
+        elif r["unit"] == "msg/s":
+            r["vs_mp_queue"] = r["median"] / base[0]["median"]
+        else:
+            r["vs_mp_queue"] = base[0]["median"] / r["median"]   # > 1: faster than mp.Queue
     print("\n%-26s %-28s %14s %25s %9s" % ("case", "implementation", "median", "spread",
                                            "vs mp.Q"))
     for r in rows:
-        print("%-26s %-28s %14s %25s %8.1fx" % (
+        if r.get("failed"):
+            print("%-26s %-28s %14s %25s %9s" % (r["case"], r["impl"], "FAILED", "", "-"))
+            continue
+        ratio = "-" if r["vs_mp_queue"] is None else "%.1fx" % r["vs_mp_queue"]
+        print("%-26s %-28s %14s %25s %9s" % (
             r["case"], r["impl"], _fmt(r["median"], r["unit"]),
-            "%s-%s" % (_fmt(r["min"], r["unit"]), _fmt(r["max"], r["unit"])), r["vs_mp_queue"]))
+            "%s-%s" % (_fmt(r["min"], r["unit"]), _fmt(r["max"], r["unit"])), ratio))
     print("\n(vs mp.Q: throughput ratio, or latency of multiprocessing.Queue / this one)")
     if args.json:
         with open(args.json, "w") as f:

@@ -58,9 +58,11 @@ __all__ = ["Queue", "JoinableQueue", "SimpleQueue", "Pipe", "Connection"]
 
 _SEM_VALUE_MAX = 2147483647   # what multiprocessing reports as an unbounded queue's maxsize
 _TAG_PICKLE = 0
-_TAG_BYTES = 1
+_TAG_BYTES = 1    # Pipe.send_bytes: raw data
+_TAG_RAW = 2      # Queue.put of an exact bytes object: sent as is, received as bytes
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RECV_SPIN_S = 50e-6   # how long recv waits on the ring before it sleeps on the fd
 
 
 class _Pickler(pickle.Pickler):
@@ -69,23 +71,66 @@ class _Pickler(pickle.Pickler):
     dispatch_table = collections.ChainMap(ForkingPickler._extra_reducers, copyreg.dispatch_table)
 
 
+_pdumps = pickle.dumps
+_ploads = pickle.loads
+
+
+class _Sink:
+    """A pickler's file: keeps what it writes (no copy, unlike io.BytesIO.getvalue)."""
+    __slots__ = ("write",)
+
+
+_picklers = []   # idle (pickler, chunks, buffers) triples: making a pickler costs a microsecond
+
+
+def _new_pickler():
+    chunks, bufs = [], []
+    sink = _Sink()
+    sink.write = chunks.append
+    return _Pickler(sink, 5, buffer_callback=bufs.append), chunks, bufs
+
+
 def _dumps(obj):
-    """The parts of a message: a protocol-5 pickle, then its out-of-band buffers. Pickled
-    with multiprocessing's ForkingPickler (its registered reducers apply, as in its Queue)."""
+    """The parts of a message: a protocol-5 pickle, then its out-of-band buffers (or the
+    pickle alone, not in a list). Pickled with multiprocessing's ForkingPickler reducers (as
+    in its Queue) by a pickler taken from a pool (pop and append are atomic, and a nested or
+    concurrent call takes another one); one that failed is dropped."""
     if type(obj) in _PLAIN:
-        return [pickle.dumps(obj, 5)]
-    bufs = []
-    f = io.BytesIO()
-    _Pickler(f, 5, buffer_callback=bufs.append).dump(obj)
-    if not bufs:
-        return [f.getbuffer()]
-    return [f.getbuffer()] + [b.raw() for b in bufs]
+        return _pdumps(obj, 5)
+    try:
+        st = _picklers.pop()
+    except IndexError:
+        st = _new_pickler()
+    p, chunks, bufs = st
+    p.dump(obj)              # on an error the pickler is dropped, not reused
+    p.clear_memo()           # drops the references the memo holds
+    # (a big bytes-like payload is written as the object itself: join copies it now)
+    data = chunks[0] if len(chunks) == 1 and type(chunks[0]) is bytes else b"".join(chunks)
+    chunks.clear()
+    if bufs:
+        parts = [data] + [b.raw() for b in bufs]
+        bufs.clear()
+    else:
+        parts = data
+    _picklers.append(st)
+    return parts
 
 
 def _loads(parts):
     if len(parts) == 1:
-        return pickle.loads(parts[0])
-    return pickle.loads(parts[0], buffers=parts[1:])
+        return _ploads(parts[0])
+    return _ploads(parts[0], buffers=parts[1:])
+
+
+def _unpack(msg):
+    """The object in a message taken off a queue's ring."""
+    tag, parts = msg
+    if tag == _TAG_RAW:
+        data = parts[0]
+        return data if type(data) is bytes else bytes(data)
+    if len(parts) == 1:
+        return _ploads(parts[0])
+    return _ploads(parts[0], buffers=parts[1:])
 
 
 def _timeout(timeout):
@@ -190,17 +235,26 @@ class Queue:
             raise ValueError(f"Queue {self!r} is closed")
 
     def put(self, obj, block=True, timeout=None):
-        self._check_closed()
-        parts = _dumps(obj)   # an unpicklable item fails here, before the queue is touched
-        if not self._ring.put(_TAG_PICKLE, parts, block, _timeout(timeout), self._bound):
+        if self._closed:
+            self._check_closed()
+        # Bytes go as they are (what pickling them and unpickling gives back); anything else
+        # is pickled here, so that an unpicklable item fails before the queue is touched.
+        if type(obj) is bytes:
+            ok = self._ring.put(_TAG_RAW, obj, block, -1.0 if timeout is None else
+                                _timeout(timeout), self._bound)
+        else:
+            ok = self._ring.put(_TAG_PICKLE, _dumps(obj), block, -1.0 if timeout is None else
+                                _timeout(timeout), self._bound)
+        if not ok:
             raise _queue.Full
 
     def get(self, block=True, timeout=None):
-        self._check_closed()
-        msg = self._ring.get(block, _timeout(timeout))
+        if self._closed:
+            self._check_closed()
+        msg = self._ring.get(block, -1.0 if timeout is None else _timeout(timeout))
         if msg is None:
             raise _queue.Empty
-        return _loads(msg[1])
+        return _unpack(msg)
 
     def put_nowait(self, obj):
         return self.put(obj, False)
@@ -271,12 +325,17 @@ class SimpleQueue:
         return self._ring.qsize() == 0
 
     def put(self, obj):
-        self._check_closed()
-        self._ring.put(_TAG_PICKLE, _dumps(obj), True, -1.0, 0)
+        if self._closed:
+            self._check_closed()
+        if type(obj) is bytes:
+            self._ring.put(_TAG_RAW, obj, True, -1.0, 0)
+        else:
+            self._ring.put(_TAG_PICKLE, _dumps(obj), True, -1.0, 0)
 
     def get(self):
-        self._check_closed()
-        return _loads(self._ring.get(True, -1.0)[1])
+        if self._closed:
+            self._check_closed()
+        return _unpack(self._ring.get(True, -1.0))
 
     def close(self):
         self._closed = True
@@ -425,8 +484,12 @@ class Connection:
 
     def _recv_msg(self):
         ring = self._in.ring
+        # A reply often comes within microseconds: wait on the ring itself for a moment (it
+        # polls, then yields) before sleeping in poll() on the fd, which costs a wake-up.
+        msg = ring.get(False, 0.0) or ring.get(True, _RECV_SPIN_S)
         while True:
-            msg = ring.get(False, 0.0)
+            if msg is None:
+                msg = ring.get(False, 0.0)
             if msg is not None:
                 # The byte that goes with it (written just after the commit; b"" if its
                 # writer died in between).

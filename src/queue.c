@@ -1,19 +1,25 @@
 /* queue.c: Ring, the many-producer many-consumer shared-memory queue under pyparallel's Queue,
  * JoinableQueue, SimpleQueue and Pipe, and RingBlock, a received big message read in place.
  *
- * Layout. One memfd (nothing in /dev/shm) per ring, mapped whole by every process that uses it:
- *   [header page][ring window: W bytes, sparse][heap: one region per big message, sparse]
+ * Layout. One memfd (nothing in /dev/shm) per ring; every process that uses it maps all but
+ * the fresh heap once:
+ *   [header page][ring window: W bytes, sparse][recycled regions: 64 x 8 MiB, sparse]
+ *   [fresh heap: one region per big message that found no recycled region, sparse]
  * The window is virtual (4 GiB by default): memory exists only where messages are. Consumers
  * give consumed memory back to the kernel in blocks (fallocate PUNCH_HOLE), so a ring costs
  * what its pending messages take, not its window.
  *
  * Records. A message is one 8-aligned record at `tail`: {u32 size, u8 kind, u8 tag, u16 nparts}
  * then the u64 length of each part (the pickle, then its out-of-band buffers). INLINE records
- * carry the parts' bytes after the lengths. A message bigger than PP_Q_INLINE_MAX goes to a
- * heap region of its own at a never-reused file offset; its HEAP record carries {offset, length}
- * and the consumer maps that region and reads the buffers in place (zero-copy for numpy); the
- * region is punched out when the last view of it dies. A record that would cross the end of
- * the window is preceded by a PAD record that sends the reader back to offset 0.
+ * carry the parts' bytes after the lengths. A message bigger than PP_Q_INLINE_MAX goes out of
+ * band: its HEAP record carries {offset, length, region ref} and the consumer reads the buffers
+ * in place (zero-copy for numpy) until the last view of them dies. Up to PP_Q_SLOT_MAX it goes
+ * into a recycled region (ref = generation << 32 | index + 1): one of PP_Q_SLOTS fixed slices
+ * of the file, mapped once, whose memory stays allocated from one message to the next, since
+ * allocating and faulting in fresh shared pages costs far more than copying into warm ones.
+ * Bigger messages (or all regions busy) get a fresh region at a never-reused offset (ref 0),
+ * mapped per message and punched out at the end. A record that would cross the end of the
+ * window is preceded by a PAD record that sends the reader back to offset 0.
  *
  * Commit protocol (the state is consistent at every instruction a process can die at):
  *   - P = tail position << 30 | puts mod 2^30, written only by producers under the put lock,
@@ -32,26 +38,42 @@
  *     except by the single store above.
  *   - The JoinableQueue count is done mod 2^30 (task_done() calls): unfinished = puts - done, so
  *     a producer killed mid-put can never leave join() waiting for an item that never arrived.
- *   - A heap region is written before its record is committed; a producer that dies in between
- *     leaks that region's pages until the ring itself is freed (the one message in flight).
+ *   - A fresh heap region is written before its record is committed; a producer that dies in
+ *     between leaks that region's pages until the ring itself is freed (the message in flight).
+ *   - A recycled region's state word is {generation, holder pid}, holder 0 meaning free. A
+ *     producer claims a free one by compare-exchange (new generation, its pid), writes the
+ *     message, stores the record's ring position in the region, and commits the put; the
+ *     region then belongs to the message. The consumer stores its own pid as the holder BEFORE
+ *     it commits the get, and the block it returns gives the region back (holder 0) when the
+ *     last view dies, in that process only (a forked child's inherited block does not). So a
+ *     region is held by a dead process only when that process was writing it (not yet
+ *     committed) or had taken its message; either way no record in [head, tail) names that
+ *     generation, and a producer that finds no free region takes such a one over (a
+ *     compare-exchange, so a consumer that took the message meanwhile wins). A region whose
+ *     message is still in the ring is never taken, whoever wrote it. Free regions keep their
+ *     memory up to PP_Q_CACHE_MAX in all; past that the one given back is punched out.
+ *     (A child that keeps using a block inherited by fork after its parent died may see that
+ *     region reused: a received message belongs to the process that took it.)
  * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
- * caller checks signals (Ctrl-C) between slices. The GIL is released only to wait; records
- * are read and written with the GIL held, and only non-GC objects (bytes, bytearray,
- * RingBlock) are allocated under a ring lock, so no Python code can run while one is held.
+ * caller checks signals (Ctrl-C) between slices. Before sleeping a waiter polls for up to
+ * PP_Q_SPIN_NS, yielding the CPU every PP_Q_YIELD_NS: replies often come within microseconds,
+ * and on a machine with more runnable processes than CPUs the peer may need this very CPU.
+ * The GIL is released only to wait and to copy a big message into its region (outside the
+ * locks); records are read and written with the GIL held, and only non-GC objects (bytes,
+ * bytearray, RingBlock) are allocated under a ring lock, so no Python code can run while one
+ * is held.
  *
- * Copied from sync.c as statics for now (pp_now_ns, futex wait/wake, pid liveness, the cached
- * pid); they are to move into a shared header. */
+ * The clock, futex, pid-liveness and cached-pid helpers are util.h's. */
 #define _GNU_SOURCE
 #include "queue.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/futex.h>
-#include <pthread.h>
-#include <signal.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -59,7 +81,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #ifndef MFD_CLOEXEC
@@ -72,7 +93,7 @@
 #define FALLOC_FL_PUNCH_HOLE 0x02
 #endif
 
-#define PP_Q_MAGIC 0x7070717565756531ULL /* "ppqueue1" */
+#define PP_Q_MAGIC 0x7070717565756532ULL /* "ppqueue2" */
 #define PP_Q_DATA_OFF 4096               /* the header page */
 #define PP_Q_WINDOW_DEFAULT (1ULL << 32)
 #define PP_Q_BLOCK (256u * 1024u) /* consumed window memory is given back in these units */
@@ -82,9 +103,14 @@
 #define PP_Q_POS_MASK ((1ULL << 34) - 1) /* positions are mod 2^34 >= 2 * the largest window */
 #define PP_Q_SLICE_NS 50000000LL         /* longest sleep between signal checks */
 #define PP_Q_LOCK_SLICE_NS 5000000LL     /* a lock waiter checks the owner this often */
-#define PP_Q_SPIN_NS 20000LL             /* a waiter polls this long before it sleeps */
+#define PP_Q_SPIN_NS 50000LL             /* a waiter polls this long before it sleeps */
+#define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
 #define PP_Q_ALIGN 64 /* heap parts start on cache lines (numpy alignment) */
+#define PP_Q_SLOTS 64                 /* recycled regions per ring */
+#define PP_Q_SLOT_MAX (8ULL << 20)    /* the biggest message a recycled region carries */
+#define PP_Q_CACHE_MAX (32ULL << 20)  /* free recycled regions keep at most this much memory */
+#define PP_Q_PID_MASK 0xffffffffULL
 
 enum { PP_REC_PAD = 1, PP_REC_INLINE = 2, PP_REC_HEAP = 3 };
 
@@ -100,13 +126,23 @@ typedef struct {
     _Atomic uint32_t waiters;
 } pp_qlock;
 
+/* A recycled region: PP_Q_SLOT_MAX bytes of the file at slot_base + index * PP_Q_SLOT_MAX. */
+typedef struct {
+    _Atomic uint64_t state; /* generation << 32 | holder pid; holder 0: free for the next message */
+    _Atomic uint64_t pos;   /* ring position of the record carrying it (stored before the commit) */
+    _Atomic uint64_t len;   /* bytes allocated from its start (changed only by its holder) */
+    _Atomic uint64_t uses;  /* messages it carried (diagnostics) */
+} pp_qslot;
+
 typedef struct {
     uint64_t magic;
     uint64_t window;
     uint64_t heap_base;
-    _Atomic uint64_t heap_next;  /* next heap file offset; only grows */
+    _Atomic uint64_t heap_next;  /* next fresh heap file offset; only grows */
     _Atomic uint64_t recoveries; /* locks freed from dead owners (diagnostics) */
-    char pad0[24];
+    uint64_t slot_base;          /* file offset of the recycled regions */
+    _Atomic uint64_t reclaims;   /* recycled regions taken back from dead holders (diagnostics) */
+    char pad0[8];
     pp_qlock plock;
     _Atomic uint64_t P;
     _Atomic uint32_t put_seq;     /* futex: bumped after each put */
@@ -120,6 +156,7 @@ typedef struct {
     char pad2[32];
     _Atomic uint32_t done; /* task_done() calls mod 2^30; futex for join() */
     _Atomic uint32_t join_waiters;
+    _Alignas(64) pp_qslot slots[PP_Q_SLOTS];
 } pp_qhdr;
 
 typedef struct {
@@ -136,87 +173,15 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    RingObject *ring; /* strong: keeps the fd open for the punch at the end */
+    RingObject *ring; /* strong: keeps the mapping and the fd for the release at the end */
     char *addr;
     size_t len;
     uint64_t off;
     Py_ssize_t exports;
+    int slot;       /* the recycled region's index, or -1: a fresh region mapped for this block */
+    uint32_t owner; /* the process that took the message (the one that gives the region back) */
+    uint64_t held;  /* the slot's state while this block holds it */
 } RingBlockObject;
-
-/* ---- GIL-free helpers (copies of sync.c's) ---- */
-
-static long long
-pp_q_now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static int
-pp_q_futex_wait(_Atomic uint32_t *addr, uint32_t expected, long long ns)
-{
-    struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
-    return (int)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT, expected, &ts, NULL, 0);
-}
-
-static void
-pp_q_futex_wake(_Atomic uint32_t *addr, int n)
-{
-    (void)syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE, n, NULL, NULL, 0);
-}
-
-/* True when process `pid` is gone or a zombie (it can never release what it holds). */
-static int
-pp_q_pid_dead(uint32_t pid)
-{
-    if (kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
-        return 1;
-    }
-    char path[64], buf[256];
-    snprintf(path, sizeof(path), "/proc/%u/stat", pid);
-    FILE *f = fopen(path, "re");
-    if (f == NULL) {
-        return errno == ENOENT;
-    }
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *paren = strrchr(buf, ')');
-    return paren != NULL && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
-}
-
-/* This process's pid, cached (every lock operation needs it). Process-wide by nature, so a
- * static, reset in a forked child by a pthread_atfork handler installed once. */
-static _Atomic uint32_t pp_q_cached_pid;
-static pthread_once_t pp_q_pid_once = PTHREAD_ONCE_INIT;
-
-static void
-pp_q_pid_reset(void)
-{
-    atomic_store_explicit(&pp_q_cached_pid, (uint32_t)getpid(), memory_order_relaxed);
-}
-
-static void
-pp_q_pid_init(void)
-{
-    pp_q_pid_reset();
-    (void)pthread_atfork(NULL, NULL, pp_q_pid_reset);
-}
-
-static inline uint32_t
-pp_q_getpid(void)
-{
-    return atomic_load_explicit(&pp_q_cached_pid, memory_order_relaxed);
-}
-
-static inline void
-pp_q_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 /* ---- locks ---- */
 
@@ -232,7 +197,7 @@ pp_q_unlock(pp_qlock *l)
 {
     atomic_store(&l->word, 0);
     if (atomic_load(&l->waiters) != 0) {
-        pp_q_futex_wake(&l->word, 1);
+        pp_futex_wake(&l->word, 1);
     }
 }
 
@@ -241,17 +206,24 @@ pp_q_unlock(pp_qlock *l)
 static pp_status
 pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 {
-    for (int i = 0; i < 256; i++) {
-        if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
-            return PP_OK;
+    /* A lock is held for well under a microsecond, unless its holder lost its CPU: poll,
+     * then yield (the holder may be waiting for this CPU), then sleep. */
+    for (int round = 0; round < 8; round++) {
+        for (int i = 0; i < 32; i++) {
+            if (atomic_load_explicit(&l->word, memory_order_relaxed) == 0) {
+                return PP_OK;
+            }
+            pp_cpu_relax();
         }
-        pp_q_pause();
+        if (round > 0) {
+            sched_yield();
+        }
     }
     uint32_t owner = atomic_load(&l->word);
     if (owner == 0) {
         return PP_OK;
     }
-    long long now = pp_q_now_ns();
+    long long now = pp_now_ns();
     if (deadline >= 0 && now >= deadline) {
         return PP_ERR_TIMEOUT;
     }
@@ -260,37 +232,49 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
         ns = deadline - now;
     }
     atomic_fetch_add(&l->waiters, 1);
-    int r = pp_q_futex_wait(&l->word, owner, ns);
+    int r = pp_futex_wait(&l->word, owner, ns);
     int err = errno;
     atomic_fetch_sub(&l->waiters, 1);
-    if (r < 0 && err == ETIMEDOUT && owner != pp_q_getpid() && pp_q_pid_dead(owner)) {
+    if (r < 0 && err == ETIMEDOUT && owner != pp_self_pid() && pp_proc_dead((pid_t)owner)) {
         /* Nothing is half-committed under a lock (see the protocol above): just free it. */
         if (atomic_compare_exchange_strong(&l->word, &owner, 0)) {
             atomic_fetch_add(&h->recoveries, 1);
-            pp_q_futex_wake(&l->word, INT_MAX);
+            pp_futex_wake(&l->word, INT_MAX);
         }
     }
     return PP_OK;
 }
 
 /* Waits (GIL released) until *word differs from `seen`, a slice ends, or the deadline passes
- * (PP_ERR_TIMEOUT). Spins briefly first: a reply often arrives within microseconds. */
+ * (PP_ERR_TIMEOUT). Polls first, since a reply often comes within microseconds; the poll yields
+ * the CPU every PP_Q_YIELD_NS, because on a machine with more runnable processes than CPUs the
+ * peer that would change the word may be waiting for this very CPU (a plain spin then costs
+ * the whole spin, and a futex sleep and wake-up tens of microseconds more). */
 static pp_status
 pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
 {
-    long long now = pp_q_now_ns();
+    long long now = pp_now_ns();
     long long spin_end = now + PP_Q_SPIN_NS;
+    long long yield_at = now + PP_Q_YIELD_NS;
     if (deadline >= 0 && deadline < spin_end) {
         spin_end = deadline;
     }
     while (now < spin_end) {
-        for (int i = 0; i < 64; i++) {
+        for (int i = 0; i < 32; i++) {
             if (atomic_load_explicit(word, memory_order_acquire) != seen) {
                 return PP_OK;
             }
-            pp_q_pause();
+            pp_cpu_relax();
         }
-        now = pp_q_now_ns();
+        now = pp_now_ns();
+        if (now >= yield_at) {
+            sched_yield();
+            now = pp_now_ns();
+            yield_at = now + PP_Q_YIELD_NS;
+        }
+    }
+    if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+        return PP_OK;
     }
     if (deadline >= 0 && now >= deadline) {
         return PP_ERR_TIMEOUT;
@@ -300,7 +284,7 @@ pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters,
         ns = deadline - now;
     }
     atomic_fetch_add(waiters, 1);
-    int r = pp_q_futex_wait(word, seen, ns);
+    int r = pp_futex_wait(word, seen, ns);
     int err = errno;
     atomic_fetch_sub(waiters, 1);
     if (r < 0 && err == EINTR) {
@@ -314,7 +298,7 @@ pp_q_bump(_Atomic uint32_t *word, _Atomic uint32_t *waiters, int n)
 {
     atomic_fetch_add(word, 1);
     if (atomic_load(waiters) != 0) {
-        pp_q_futex_wake(word, n);
+        pp_futex_wake(word, n);
     }
 }
 
@@ -328,7 +312,7 @@ pp_q_deadline(double timeout)
     if (timeout > 1e9) {
         timeout = 1e9;
     }
-    return pp_q_now_ns() + (long long)(timeout * 1e9);
+    return pp_now_ns() + (long long)(timeout * 1e9);
 }
 
 static inline uint64_t
@@ -353,8 +337,8 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
         return -1;
     }
     self->ino = (unsigned long long)sb.st_ino;
+    pp_qhdr probe;
     if (!create) {
-        pp_qhdr probe;
         if (pread(fd, &probe, sizeof(probe), 0) != (ssize_t)sizeof(probe) ||
             probe.magic != PP_Q_MAGIC) {
             errno = EINVAL;
@@ -362,10 +346,16 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
         }
         window = probe.window;
     }
-    else if (ftruncate(fd, (off_t)(PP_Q_DATA_OFF + window)) < 0) {
+    uint64_t slot_base = pp_q_round(PP_Q_DATA_OFF + window, 1 << 21);
+    uint64_t heap_base = slot_base + PP_Q_SLOTS * PP_Q_SLOT_MAX;
+    if (!create && (probe.slot_base != slot_base || probe.heap_base != heap_base)) {
+        errno = EINVAL;
         return -1;
     }
-    size_t len = (size_t)(PP_Q_DATA_OFF + window);
+    if (create && ftruncate(fd, (off_t)heap_base) < 0) {
+        return -1;
+    }
+    size_t len = (size_t)heap_base; /* the header, the window and the recycled regions */
     void *addr = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
     if (addr == MAP_FAILED) {
         return -1;
@@ -378,8 +368,9 @@ pp_ring_map(RingObject *self, int fd, int create, uint64_t window)
     self->window = window;
     if (create) {
         self->h->window = window;
-        self->h->heap_base = pp_q_round(PP_Q_DATA_OFF + window, 1 << 21);
-        atomic_store(&self->h->heap_next, self->h->heap_base);
+        self->h->slot_base = slot_base;
+        self->h->heap_base = heap_base;
+        atomic_store(&self->h->heap_next, heap_base);
         atomic_thread_fence(memory_order_release);
         self->h->magic = PP_Q_MAGIC; /* last: attachers check it */
     }
@@ -421,7 +412,6 @@ Ring_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "window must be a power of two from 1 MiB to 4 GiB");
         return NULL;
     }
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     RingObject *self = pp_ring_alloc(type);
     if (self == NULL) {
         return NULL;
@@ -458,7 +448,6 @@ Ring_attach(PyObject *cls, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "invalid ring handle");
         return NULL;
     }
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     RingObject *self = pp_ring_alloc((PyTypeObject *)cls);
     if (self == NULL) {
         return NULL;
@@ -509,11 +498,14 @@ Ring_dealloc(RingObject *self)
     Py_DECREF(tp);
 }
 
-/* The parts of a message being put: buffers held for the duration of the call. */
+/* The parts of a message being put: buffers held for the duration of the call (in `local`
+ * for the usual one to four parts, so that a small put allocates nothing). */
+#define PP_Q_LOCAL_PARTS 4
 typedef struct {
     Py_ssize_t n;
     Py_buffer *bufs;
     uint64_t total; /* sum of lengths */
+    Py_buffer local[PP_Q_LOCAL_PARTS];
 } pp_parts;
 
 static void
@@ -522,17 +514,31 @@ pp_parts_release(pp_parts *p)
     for (Py_ssize_t i = 0; i < p->n; i++) {
         PyBuffer_Release(&p->bufs[i]);
     }
-    PyMem_Free(p->bufs);
+    if (p->bufs != p->local) {
+        PyMem_Free(p->bufs);
+    }
     p->bufs = NULL;
     p->n = 0;
 }
 
+/* `seq` is a list or tuple of buffers, or one buffer (a one-part message). */
 static int
 pp_parts_get(PyObject *seq, pp_parts *p)
 {
     p->n = 0;
-    p->bufs = NULL;
+    p->bufs = p->local;
     p->total = 0;
+    if (!PyList_Check(seq) && !PyTuple_Check(seq)) {
+        if (PyObject_GetBuffer(seq, &p->local[0], PyBUF_SIMPLE) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_SetString(PyExc_TypeError, "parts must be a buffer or a sequence of buffers");
+            }
+            return -1;
+        }
+        p->n = 1;
+        p->total = (uint64_t)p->local[0].len;
+        return 0;
+    }
     PyObject *fast = PySequence_Fast(seq, "parts must be a sequence of buffers");
     if (fast == NULL) {
         return -1;
@@ -543,11 +549,13 @@ pp_parts_get(PyObject *seq, pp_parts *p)
         PyErr_SetString(PyExc_ValueError, "a message has 1 to 65535 parts");
         return -1;
     }
-    p->bufs = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    if (p->bufs == NULL) {
-        Py_DECREF(fast);
-        PyErr_NoMemory();
-        return -1;
+    if (n > PP_Q_LOCAL_PARTS) {
+        p->bufs = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+        if (p->bufs == NULL) {
+            Py_DECREF(fast);
+            PyErr_NoMemory();
+            return -1;
+        }
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, i), &p->bufs[i], PyBUF_SIMPLE) < 0) {
@@ -569,51 +577,212 @@ pp_ring_punch(RingObject *r, uint64_t off, uint64_t len)
     (void)fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
 }
 
-/* Writes the parts into a new heap region (GIL released by the caller: touches no Python
- * object, only the held buffers). */
-static pp_status
-pp_heap_write(RingObject *r, pp_parts *p, uint64_t *off_out, uint64_t *len_out, int *err)
+/* ---- recycled regions ---- */
+
+static inline uint64_t
+pp_slot_off(pp_qhdr *h, int i)
 {
+    return h->slot_base + (uint64_t)i * PP_Q_SLOT_MAX;
+}
+
+/* What a HEAP record carries to name recycled region i held in state s. */
+static inline uint64_t
+pp_slot_ref(int i, uint64_t s)
+{
+    return (s & ~PP_Q_PID_MASK) | (uint64_t)(i + 1);
+}
+
+/* Whether region i (in state s) is carried by a message still in the ring: its record lies
+ * in [head, tail) and names this generation. A stale read (the record taken and overwritten
+ * meanwhile) answers "no", which is safe: the caller's compare-exchange then fails, because
+ * the consumer changed the state before it committed the get. */
+static int
+pp_slot_queued(RingObject *r, int i, uint64_t s)
+{
+    pp_qhdr *h = r->h;
+    uint64_t G = atomic_load(&h->G);
+    uint64_t P = atomic_load(&h->P);
+    uint64_t head = G >> PP_Q_CNT_BITS, tail = P >> PP_Q_CNT_BITS;
+    uint64_t pos = atomic_load(&h->slots[i].pos);
+    if (((pos - head) & PP_Q_POS_MASK) >= ((tail - head) & PP_Q_POS_MASK)) {
+        return 0;
+    }
+    uint64_t off = pos & (r->window - 1);
+    if (off + 32 > r->window) {
+        return 0;
+    }
+    const volatile pp_qrec *hd = (const volatile pp_qrec *)(r->data + off);
+    const volatile uint64_t *w = (const volatile uint64_t *)(r->data + off + 8);
+    return hd->kind == PP_REC_HEAP && w[2] == pp_slot_ref(i, s);
+}
+
+/* Takes a recycled region for a message of `need` bytes (GIL released or held; touches no
+ * Python object): the free one that fits best, else one whose holder died (a consumer killed
+ * while it held a received message, or a producer killed before its put committed). Its
+ * index, *held set to its new state; -1 when none is to be had. */
+static int
+pp_slot_claim(RingObject *r, uint64_t need, uint64_t *held)
+{
+    pp_qhdr *h = r->h;
+    uint32_t me = pp_self_pid();
+    for (int attempt = 0; attempt < 4; attempt++) {
+        int best = -1;
+        uint64_t best_len = 0, best_s = 0;
+        for (int i = 0; i < PP_Q_SLOTS; i++) {
+            uint64_t st = atomic_load_explicit(&h->slots[i].state, memory_order_relaxed);
+            if ((st & PP_Q_PID_MASK) != 0) {
+                continue;
+            }
+            uint64_t len = atomic_load_explicit(&h->slots[i].len, memory_order_relaxed);
+            /* the smallest that fits, else the biggest (it grows the least) */
+            int better = best < 0 || (len >= need ? best_len < need || len < best_len
+                                                  : best_len < need && len > best_len);
+            if (better) {
+                best = i;
+                best_len = len;
+                best_s = st;
+            }
+        }
+        if (best < 0) {
+            break;
+        }
+        uint64_t ns = ((((best_s >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[best].state, &best_s, ns)) {
+            *held = ns;
+            return best;
+        }
+    }
+    for (int i = 0; i < PP_Q_SLOTS; i++) {
+        uint64_t st = atomic_load(&h->slots[i].state);
+        uint32_t pid = (uint32_t)(st & PP_Q_PID_MASK);
+        if (pid == 0 || pid == me || !pp_proc_dead((pid_t)pid) || pp_slot_queued(r, i, st)) {
+            continue;
+        }
+        uint64_t ns = ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[i].state, &st, ns)) {
+            atomic_fetch_add(&h->reclaims, 1);
+            *held = ns;
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Gives region i (held in state `held`) back for the next message. Its memory stays allocated
+ * (the next message needs no page faults) unless the free regions already keep
+ * PP_Q_CACHE_MAX: then it is punched out. */
+static void
+pp_slot_release(RingObject *r, int i, uint64_t held)
+{
+    pp_qhdr *h = r->h;
+    uint64_t kept = 0;
+    for (int j = 0; j < PP_Q_SLOTS; j++) {
+        if ((atomic_load_explicit(&h->slots[j].state, memory_order_relaxed) & PP_Q_PID_MASK) ==
+            0) {
+            kept += atomic_load_explicit(&h->slots[j].len, memory_order_relaxed);
+        }
+    }
+    uint64_t len = atomic_load(&h->slots[i].len);
+    if (len > 0 && kept + len > PP_Q_CACHE_MAX) {
+        pp_ring_punch(r, pp_slot_off(h, i), len);
+        atomic_store(&h->slots[i].len, 0);
+    }
+    (void)atomic_compare_exchange_strong(&h->slots[i].state, &held, held & ~PP_Q_PID_MASK);
+}
+
+/* Where a big message goes: a recycled region, or a fresh one of its own. */
+typedef struct {
+    uint64_t off, len; /* file offset and length (len 0: none yet) */
+    int slot;          /* recycled region, or -1 */
+    uint64_t held;     /* its state while this put holds it */
+} pp_region;
+
+/* Writes the parts into a region (GIL released by the caller: touches no Python object, only
+ * the held buffers): a recycled one when the message fits one and one is free, else a new
+ * one at a never-used offset of the file. */
+static pp_status
+pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
+{
+    pp_qhdr *h = r->h;
     uint64_t need = 0;
     for (Py_ssize_t i = 0; i < p->n; i++) {
         need += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
     uint64_t len = pp_q_round(need > 0 ? need : 1, 4096);
-    uint64_t off = atomic_fetch_add(&r->h->heap_next, len);
-    if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
-        *err = errno;
-        return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+    rg->slot = len <= PP_Q_SLOT_MAX ? pp_slot_claim(r, len, &rg->held) : -1;
+    char *dst;
+    uint64_t off;
+    if (rg->slot >= 0) {
+        off = pp_slot_off(h, rg->slot);
+        uint64_t have = atomic_load(&h->slots[rg->slot].len);
+        if (have < len) {
+            /* allocate now, so that a full memory gives an error rather than SIGBUS */
+            if (fallocate(r->fd, 0, (off_t)(off + have), (off_t)(len - have)) < 0) {
+                *err = errno;
+                pp_slot_release(r, rg->slot, rg->held);
+                rg->slot = -1;
+                return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM
+                                                                           : PP_ERR_OS;
+            }
+            atomic_store(&h->slots[rg->slot].len, len);
+        }
+        atomic_fetch_add_explicit(&h->slots[rg->slot].uses, 1, memory_order_relaxed);
+        dst = r->base + off;
     }
-    char *dst =
-        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
-    if (dst == MAP_FAILED) {
-        *err = errno;
-        pp_ring_punch(r, off, len);
-        return PP_ERR_OS;
+    else {
+        off = atomic_fetch_add(&h->heap_next, len);
+        if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
+            *err = errno;
+            return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+        }
+        dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
+        if (dst == MAP_FAILED) {
+            *err = errno;
+            pp_ring_punch(r, off, len);
+            return PP_ERR_OS;
+        }
     }
     uint64_t at = 0;
     for (Py_ssize_t i = 0; i < p->n; i++) {
         memcpy(dst + at, p->bufs[i].buf, (size_t)p->bufs[i].len);
         at += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
-    munmap(dst, len);
-    *off_out = off;
-    *len_out = len;
+    if (rg->slot < 0) {
+        munmap(dst, len);
+    }
+    rg->off = off;
+    rg->len = len;
     return PP_OK;
+}
+
+/* Gives back the region of a message that was not put. */
+static void
+pp_region_drop(RingObject *r, pp_region *rg)
+{
+    if (rg->len == 0) {
+        return;
+    }
+    if (rg->slot >= 0) {
+        pp_slot_release(r, rg->slot, rg->held);
+    }
+    else {
+        pp_ring_punch(r, rg->off, rg->len);
+    }
+    rg->len = 0;
 }
 
 enum { PP_TRY_DONE = 1, PP_TRY_FULL = 0, PP_TRY_BUSY = -2 };
 
-/* One attempt to put (GIL held, nothing allocated). heap_len == 0: inline. */
+/* One attempt to put (GIL held, nothing allocated). rg->len == 0: inline. */
 static int
-pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t heap_off,
-               uint64_t heap_len)
+pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_region *rg)
 {
+    uint64_t heap_len = rg->len;
     pp_qhdr *h = r->h;
     uint64_t W = r->window;
-    uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 16 : p->total);
+    uint64_t body = 8 * (uint64_t)p->n + (heap_len ? 24 : p->total);
     uint64_t rec = 8 + pp_q_round(body, 8);
-    uint32_t me = pp_q_getpid();
+    uint32_t me = pp_self_pid();
     if (!pp_q_trylock(&h->plock, me)) {
         return PP_TRY_BUSY;
     }
@@ -645,8 +814,13 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t h
     hd->nparts = (uint16_t)p->n;
     uint64_t *words = (uint64_t *)(at + 8);
     if (heap_len) {
-        *words++ = heap_off;
+        *words++ = rg->off;
         *words++ = heap_len;
+        *words++ = rg->slot >= 0 ? pp_slot_ref(rg->slot, rg->held) : 0;
+        if (rg->slot >= 0) {
+            /* where the message is, for pp_slot_queued(); stored before the commit */
+            atomic_store(&h->slots[rg->slot].pos, (tail + pad) & PP_Q_POS_MASK);
+        }
     }
     for (Py_ssize_t i = 0; i < p->n; i++) {
         words[i] = (uint64_t)p->bufs[i].len;
@@ -699,19 +873,19 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     pp_qhdr *h = self->h;
     long long deadline = block ? pp_q_deadline(timeout) : 0;
-    uint64_t heap_off = 0, heap_len = 0;
+    pp_region rg = {0, 0, -1, 0};
     uint64_t inline_size = 8 + 8 * (uint64_t)p.n + p.total;
     PyObject *result = NULL;
     for (;;) {
         uint32_t seen = atomic_load(&h->get_seq);
-        if (inline_size > PP_Q_INLINE_MAX && heap_len == 0) {
+        if (inline_size > PP_Q_INLINE_MAX && rg.len == 0) {
             /* Big message: write it out of the lock, once there is room for it. */
             uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
             if (maxsize == 0 || pp_q_count(P, G) < maxsize) {
                 pp_status st;
                 int err = 0;
                 Py_BEGIN_ALLOW_THREADS
-                st = pp_heap_write(self, &p, &heap_off, &heap_len, &err);
+                st = pp_heap_write(self, &p, &rg, &err);
                 Py_END_ALLOW_THREADS
                 if (st != PP_OK) {
                     pp_raise(st, err);
@@ -720,11 +894,11 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         int r = PP_TRY_FULL;
-        if (inline_size <= PP_Q_INLINE_MAX || heap_len != 0) {
-            r = pp_ring_tryput(self, (int)tag, &p, maxsize, heap_off, heap_len);
+        if (inline_size <= PP_Q_INLINE_MAX || rg.len != 0) {
+            r = pp_ring_tryput(self, (int)tag, &p, maxsize, &rg);
         }
         if (r == PP_TRY_DONE) {
-            heap_len = 0; /* the region belongs to the message now */
+            rg.len = 0; /* the region belongs to the message now */
             result = Py_NewRef(Py_True);
             goto done;
         }
@@ -752,21 +926,22 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
 done:
-    if (heap_len != 0) {
-        pp_ring_punch(self, heap_off, heap_len);
-    }
+    pp_region_drop(self, &rg);
     pp_parts_release(&p);
     return result;
 }
 
 /* One attempt to get (GIL held). On PP_TRY_DONE, *tag_out and the parts are set: `objs` holds
- * nparts new bytes/bytearray objects (inline) or one RingBlock (heap), with `lens`. */
+ * nparts new bytes/bytearray objects (inline) or one RingBlock (heap), with `lens` (in the
+ * local arrays for up to PP_Q_LOCAL_PARTS parts). */
 typedef struct {
     int tag;
     int heap;
     Py_ssize_t n;
     PyObject **objs;
     uint64_t *lens;
+    PyObject *local_objs[PP_Q_LOCAL_PARTS];
+    uint64_t local_lens[PP_Q_LOCAL_PARTS];
 } pp_got;
 
 static void
@@ -777,8 +952,12 @@ pp_got_clear(pp_got *g)
             Py_XDECREF(g->objs[i]);
         }
     }
-    PyMem_Free(g->objs);
-    PyMem_Free(g->lens);
+    if (g->objs != g->local_objs) {
+        PyMem_Free(g->objs);
+    }
+    if (g->lens != g->local_lens) {
+        PyMem_Free(g->lens);
+    }
     g->objs = NULL;
     g->lens = NULL;
     g->n = 0;
@@ -789,7 +968,7 @@ pp_ring_tryget(RingObject *r, pp_got *g)
 {
     pp_qhdr *h = r->h;
     uint64_t W = r->window;
-    uint32_t me = pp_q_getpid();
+    uint32_t me = pp_self_pid();
     if (!pp_q_trylock(&h->glock, me)) {
         return PP_TRY_BUSY;
     }
@@ -817,18 +996,46 @@ pp_ring_tryget(RingObject *r, pp_got *g)
     }
     g->tag = hd->tag;
     g->heap = heap;
-    g->objs = PyMem_Calloc((size_t)n, sizeof(PyObject *));
-    g->lens = PyMem_Calloc((size_t)n, sizeof(uint64_t));
-    if (g->objs == NULL || g->lens == NULL) {
-        goto nomem;
+    if (n <= PP_Q_LOCAL_PARTS) {
+        memset(g->local_objs, 0, sizeof(g->local_objs));
+        g->objs = g->local_objs;
+        g->lens = g->local_lens;
+    }
+    else {
+        g->objs = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+        g->lens = PyMem_Calloc((size_t)n, sizeof(uint64_t));
+        if (g->objs == NULL || g->lens == NULL) {
+            goto nomem;
+        }
     }
     g->n = n;
-    uint64_t *lens = words + (heap ? 2 : 0);
+    uint64_t *lens = words + (heap ? 3 : 0);
     memcpy(g->lens, lens, (size_t)n * sizeof(uint64_t));
     if (heap) {
-        uint64_t hoff = words[0], hlen = words[1];
-        char *addr =
-            mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)hoff);
+        uint64_t hoff = words[0], hlen = words[1], ref = words[2];
+        int slot = -1;
+        uint64_t held = 0;
+        char *addr;
+        if (ref != 0) {
+            /* A recycled region: mapped already. This process becomes its holder before the
+             * get commits, so that it is never seen both unheld and out of the ring. */
+            slot = (int)((ref & PP_Q_PID_MASK) - 1);
+            if (slot < 0 || slot >= PP_Q_SLOTS || hoff != pp_slot_off(h, slot) ||
+                hlen > PP_Q_SLOT_MAX ||
+                (atomic_load(&h->slots[slot].state) & ~PP_Q_PID_MASK) != (ref & ~PP_Q_PID_MASK)) {
+                pp_q_unlock(&h->glock);
+                pp_got_clear(g);
+                PyErr_SetString(PyExc_RuntimeError, "queue memory is corrupted");
+                return -1;
+            }
+            held = (ref & ~PP_Q_PID_MASK) | me;
+            atomic_store(&h->slots[slot].state, held);
+            addr = r->base + hoff;
+        }
+        else {
+            addr = mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
+                        (off_t)hoff);
+        }
         if (addr == MAP_FAILED) {
             int err = errno;
             pp_q_unlock(&h->glock);
@@ -841,13 +1048,18 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         RingBlockObject *b = (RingBlockObject *)((PyTypeObject *)r->block_type)
                                  ->tp_alloc((PyTypeObject *)r->block_type, 0);
         if (b == NULL) {
-            munmap(addr, hlen);
+            if (slot < 0) {
+                munmap(addr, hlen);
+            } /* else the region stays with the message, which is not taken */
             goto nomem;
         }
         b->ring = (RingObject *)Py_NewRef(r);
         b->addr = addr;
         b->len = hlen;
         b->off = hoff;
+        b->slot = slot;
+        b->owner = me;
+        b->held = held;
         g->objs[0] = (PyObject *)b;
     }
     else {
@@ -922,7 +1134,17 @@ pp_got_result(pp_got *g)
             g->objs[i] = NULL;
         }
     }
-    res = Py_BuildValue("(iN)", g->tag, py_parts); /* N steals py_parts */
+    PyObject *tag = PyLong_FromLong(g->tag);
+    if (tag == NULL) {
+        goto error;
+    }
+    res = PyTuple_New(2);
+    if (res == NULL) {
+        Py_DECREF(tag);
+        goto error;
+    }
+    PyTuple_SET_ITEM(res, 0, tag);      /* steals */
+    PyTuple_SET_ITEM(res, 1, py_parts); /* steals */
     py_parts = NULL;
 error:
     Py_XDECREF(py_parts);
@@ -1011,7 +1233,7 @@ Ring_task_done(RingObject *self, PyObject *Py_UNUSED(ignored))
         uint32_t nd = (uint32_t)((d + 1) & PP_Q_CNT_MASK);
         if (atomic_compare_exchange_weak(&h->done, &d, nd)) {
             if (unfinished == 1 && atomic_load(&h->join_waiters) != 0) {
-                pp_q_futex_wake(&h->done, INT_MAX);
+                pp_futex_wake(&h->done, INT_MAX);
             }
             Py_RETURN_NONE;
         }
@@ -1068,14 +1290,45 @@ Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
 {
     pp_qhdr *h = self->h;
     uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
+    unsigned long long slot_bytes = 0, slot_uses = 0, slots_free = 0;
+    for (int i = 0; i < PP_Q_SLOTS; i++) {
+        slot_bytes += atomic_load(&h->slots[i].len);
+        slot_uses += atomic_load(&h->slots[i].uses);
+        slots_free += (atomic_load(&h->slots[i].state) & PP_Q_PID_MASK) == 0;
+    }
+    unsigned long long fresh = atomic_load(&h->heap_next) - h->heap_base;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS), "head",
-        (unsigned long long)(G >> PP_Q_CNT_BITS), "freed", (unsigned long long)atomic_load(&h->F),
-        "puts", (unsigned long long)(P & PP_Q_CNT_MASK), "gets",
-        (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used",
-        (unsigned long long)(atomic_load(&h->heap_next) - h->heap_base), "recoveries",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS),
+        "head", (unsigned long long)(G >> PP_Q_CNT_BITS), "freed",
+        (unsigned long long)atomic_load(&h->F), "puts", (unsigned long long)(P & PP_Q_CNT_MASK),
+        "gets", (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes,
+        "fresh_used", fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free",
+        slots_free, "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
         (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
         "put_lock", (unsigned int)atomic_load(&h->plock.word));
+}
+
+PyDoc_STRVAR(Ring_slot_doc, "_slot_for_test($self, index, pid, /)\n--\n\n"
+                            "Makes process `pid` the holder of recycled region `index` (in a new "
+                            "generation, carried by no message). Tests use it to leave a region "
+                            "held by a dead process.");
+
+static PyObject *
+Ring_slot_for_test(RingObject *self, PyObject *args)
+{
+    int index;
+    unsigned int pid;
+    if (!PyArg_ParseTuple(args, "iI:_slot_for_test", &index, &pid)) {
+        return NULL;
+    }
+    if (index < 0 || index >= PP_Q_SLOTS) {
+        PyErr_SetString(PyExc_IndexError, "no such region");
+        return NULL;
+    }
+    pp_qslot *sl = &self->h->slots[index];
+    uint64_t st = atomic_load(&sl->state);
+    atomic_store(&sl->state, ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | pid);
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(Ring_lock_doc, "_lock_for_test($self, which, pid, /)\n--\n\n"
@@ -1111,6 +1364,7 @@ static PyMethodDef Ring_methods[] = {
     {"join", (PyCFunction)Ring_join, METH_O, Ring_join_doc},
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, Ring_stats_doc},
     {"_lock_for_test", (PyCFunction)Ring_lock_for_test, METH_VARARGS, Ring_lock_doc},
+    {"_slot_for_test", (PyCFunction)Ring_slot_for_test, METH_VARARGS, Ring_slot_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1154,8 +1408,20 @@ RingBlock_dealloc(RingBlockObject *self)
 {
     PyTypeObject *tp = Py_TYPE(self);
     if (self->addr != NULL) {
-        munmap(self->addr, self->len);
-        pp_ring_punch(self->ring, self->off, self->len);
+        /* Only the process that took the message gives its region back (not a child that
+         * inherited this block by fork while the parent still uses the region). */
+        int mine = self->owner == pp_self_pid();
+        if (self->slot >= 0) {
+            if (mine) {
+                pp_slot_release(self->ring, self->slot, self->held);
+            }
+        }
+        else {
+            munmap(self->addr, self->len);
+            if (mine) {
+                pp_ring_punch(self->ring, self->off, self->len);
+            }
+        }
     }
     Py_XDECREF(self->ring);
     tp->tp_free((PyObject *)self);
@@ -1205,7 +1471,6 @@ static PyType_Spec RingBlock_spec = {
 int
 pp_queue_exec(PyObject *module, pp_state *Py_UNUSED(st))
 {
-    pthread_once(&pp_q_pid_once, pp_q_pid_init);
     PyObject *bt = PyType_FromModuleAndSpec(module, &RingBlock_spec, NULL);
     if (bt == NULL || PyModule_AddObjectRef(module, "RingBlock", bt) < 0) {
         Py_XDECREF(bt);
@@ -1218,5 +1483,10 @@ pp_queue_exec(PyObject *module, pp_state *Py_UNUSED(st))
         return -1;
     }
     Py_DECREF(rt);
+    if (PyModule_AddIntConstant(module, "RING_SLOTS", PP_Q_SLOTS) < 0 ||
+        PyModule_AddIntConstant(module, "RING_SLOT_MAX", (long)PP_Q_SLOT_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "RING_CACHE_MAX", (long)PP_Q_CACHE_MAX) < 0) {
+        return -1;
+    }
     return PyModule_AddIntConstant(module, "RING_INLINE_MAX", PP_Q_INLINE_MAX);
 }

@@ -1,11 +1,14 @@
-/* util.h: small GIL-free helpers shared by channel.c and sync.c (clock, futex, cpu-relax,
- * /proc/<pid>/stat). Internal; every function is static inline so each file gets its own. */
+/* util.h: small GIL-free helpers shared by channel.c, sync.c and queue.c (clock, futex,
+ * cpu-relax, /proc/<pid>/stat, pid liveness, the cached pid). Internal; every function is
+ * static inline so each file gets its own. */
 #ifndef PP_UTIL_H
 #define PP_UTIL_H
 
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -81,6 +84,57 @@ pp_proc_stat(pid_t pid, char *state, unsigned long long *start)
     }
     *start = p != NULL ? strtoull(p + 1, NULL, 10) : 0;
     return 0;
+}
+
+/* True when process pid is gone or a zombie (it can never release what it holds). */
+static inline int
+pp_proc_dead(pid_t pid)
+{
+    if (kill(pid, 0) < 0 && errno == ESRCH) {
+        return 1;
+    }
+    char state;
+    unsigned long long start;
+    if (pp_proc_stat(pid, &state, &start) < 0) {
+        return errno == ENOENT;
+    }
+    return state == 'Z' || state == 'X';
+}
+
+/* This process's pid, cached: getpid() is a system call and every lock operation needs the
+ * pid. A pid belongs to the process, not to a module instance, so the cell is process-wide
+ * (one per file that uses it), set on first use and reset in a forked child by a
+ * pthread_atfork handler installed once. */
+static inline _Atomic uint32_t *
+pp_self_pid_cell(void)
+{
+    static _Atomic uint32_t cell;
+    return &cell;
+}
+
+static inline void
+pp_self_pid_reset(void)
+{
+    atomic_store_explicit(pp_self_pid_cell(), (uint32_t)getpid(), memory_order_relaxed);
+}
+
+static inline void
+pp_self_pid_init(void)
+{
+    pp_self_pid_reset();
+    (void)pthread_atfork(NULL, NULL, pp_self_pid_reset);
+}
+
+static inline uint32_t
+pp_self_pid(void)
+{
+    uint32_t pid = atomic_load_explicit(pp_self_pid_cell(), memory_order_relaxed);
+    if (pid == 0) {
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        (void)pthread_once(&once, pp_self_pid_init);
+        pid = atomic_load_explicit(pp_self_pid_cell(), memory_order_relaxed);
+    }
+    return pid;
 }
 
 #endif /* PP_UTIL_H */

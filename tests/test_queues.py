@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -72,6 +73,17 @@ def _put_and_exit(q, n):
     for i in range(n):
         q.put(i)
     os._exit(0)   # no atexit, no flush: multiprocessing.Queue's feeder would lose these
+
+
+def _hold_big(q, n, done):
+    held = [q.get(timeout=30) for _ in range(n)]   # noqa: F841 (held until killed)
+    done.add(1)
+    time.sleep(600)
+
+
+def _drop_all(holder):
+    holder.clear()
+    gc.collect()
 
 
 def _pool_task(args):
@@ -177,6 +189,56 @@ def test_unpicklable_item_raises_in_caller_and_leaves_queue_unchanged():
     assert q.qsize() == 1
     q.put("after")
     assert [q.get(), q.get()] == ["before", "after"]
+
+
+class _Bytes(bytes):
+    pass
+
+
+class _Nested:
+    """Puts a marker on a queue while it is being pickled (a nested put)."""
+
+    def __init__(self, q):
+        self.q = q
+
+    def __reduce__(self):
+        self.q.put("nested")
+        return (str, ("outer",))
+
+
+class _Obj:
+    pass
+
+
+def test_bytes_and_bytes_subclasses_round_trip_exactly():
+    q = pp.Queue()
+    for x in (b"", b"x" * 64, _Bytes(b"sub"), b"y" * 100_000, _Bytes(b"z" * 100_000)):
+        q.put(x)
+        got = q.get()
+        assert got == x and type(got) is type(x)
+
+
+def test_picklers_are_reused_safely():
+    q, other = pp.Queue(), pp.Queue()
+    q.put(_Nested(other))                     # a put inside a put's pickling
+    assert q.get() == "outer" and other.get() == "nested"
+    with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+        q.put([1, threading.Lock()])          # fails half way through a pickle
+    obj = _Obj()
+    ref = weakref.ref(obj)
+    q.put([obj, obj, (obj,)])                 # the pickler's memo must not keep obj alive
+    got = q.get()
+    assert got[0] is got[1] is got[2][0] and type(got[0]) is _Obj
+    del obj, got
+    gc.collect()
+    assert ref() is None
+    q.put({"a": [1, 2]})
+    assert q.get() == {"a": [1, 2]} and q.qsize() == 0
+    ba = bytearray(300_000)                   # big in-band payloads: copied at put
+    q.put([ba, bytes(200_000), "tail"])
+    ba[:] = b"\x01" * len(ba)
+    got = q.get()
+    assert got == [bytearray(300_000), bytes(200_000), "tail"] and type(got[0]) is bytearray
 
 
 def test_joinable_queue_join_and_task_done():
@@ -355,15 +417,101 @@ def test_big_messages_across_processes(ctx):
     assert p.exitcode == 0
 
 
-def test_received_big_message_memory_is_returned():
+def test_big_message_regions_are_recycled():
+    # One message at a time: each reuses the region the previous one gave back, so nothing
+    # new is allocated (no page faults: that is what makes 1 MiB messages fast).
     q = pp.Queue()
-    for _ in range(3):
-        q.put(np.ones(1 << 18))
-    arrs = [q.get() for _ in range(3)]
+    for i in range(50):
+        q.put(np.full(1 << 17, float(i)))           # 1 MiB
+        a = q.get()
+        assert a.shape == (1 << 17,) and a[0] == a[-1] == i
+        del a
+    st = q._ring.stats()
+    assert st["fresh_used"] == 0 and st["slot_uses"] == 50
+    assert st["slot_bytes"] <= 2 << 20
+    b = os.urandom(300_000)                          # bytes: sent raw, also recycled
+    for _ in range(5):
+        q.put(b)
+        assert q.get() == b
+    assert q._ring.stats()["fresh_used"] == 0
+
+
+def test_received_big_message_memory_is_returned():
+    # More pending than there are recycled regions: the rest get regions of their own. Once
+    # every view is gone, the fresh regions are punched out and the free recycled regions keep
+    # at most RING_CACHE_MAX.
+    q = pp.Queue()
+    n = _core.RING_SLOTS + 8
+    for _ in range(n):
+        q.put(np.ones(1 << 18))                      # 2 MiB
+    arrs = [q.get() for _ in range(n)]
+    assert all(a.sum() == 1 << 18 for a in arrs)
     held = _allocated_kib(q)
+    assert held >= n * 2048
+    assert q._ring.stats()["fresh_used"] > 0
     del arrs
     gc.collect()
-    assert _allocated_kib(q) < held - 4096        # the 3 x 2 MiB regions were punched out
+    assert _allocated_kib(q) <= _core.RING_CACHE_MAX // 1024 + 1024
+    assert q._ring.stats()["slots_free"] == _core.RING_SLOTS
+
+
+def test_region_held_by_dead_process_is_taken_back():
+    q = pp.Queue()
+    dead = _dead_pid()
+    for i in range(_core.RING_SLOTS):
+        q._ring._slot_for_test(i, dead)
+    q.put(np.ones(1 << 17))
+    st = q._ring.stats()
+    assert st["reclaims"] == 1 and st["fresh_used"] == 0
+    assert q.get().sum() == 1 << 17
+
+
+def test_region_held_by_live_process_is_left_alone():
+    q = pp.Queue()
+    for i in range(_core.RING_SLOTS):
+        q._ring._slot_for_test(i, os.getppid())     # alive, and not this process
+    q.put(np.ones(1 << 17))
+    st = q._ring.stats()
+    assert st["reclaims"] == 0 and st["fresh_used"] > 0
+    assert q.get().sum() == 1 << 17
+
+
+def test_sigkill_consumer_holding_big_messages():
+    # A consumer killed while it holds received big messages (numpy views of their regions):
+    # the regions are taken back by the next puts, none is lost for good.
+    ctx = mp.get_context("fork")
+    q, done = pp.Queue(), pp.Value("q", 0)
+    n = _core.RING_SLOTS
+    for i in range(n):
+        q.put(np.full(1 << 17, float(i)))
+    p = ctx.Process(target=_hold_big, args=(q, n, done))
+    p.start()
+    deadline = time.monotonic() + 30
+    while done.value == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done.value == 1 and q.qsize() == 0
+    assert q._ring.stats()["slots_free"] == 0
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(30)
+    for i in range(n):
+        q.put(np.full(1 << 17, float(i)))
+    st = q._ring.stats()
+    assert st["reclaims"] == n and st["fresh_used"] == 0
+    assert [q.get()[0] for _ in range(n)] == [float(i) for i in range(n)]
+
+
+def test_forked_child_does_not_give_back_an_inherited_region():
+    q = pp.Queue()
+    q.put(np.arange(1 << 17, dtype=np.float64))
+    holder = [q.get()]            # the only reference: the child's copy of it drops it
+    p = mp.get_context("fork").Process(target=_drop_all, args=(holder,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    q.put(np.zeros(1 << 17))                         # must not land in holder[0]'s region
+    z = q.get()
+    assert np.array_equal(holder[0], np.arange(1 << 17, dtype=np.float64)) and not z.any()
+    assert q._ring.stats()["slots_free"] == _core.RING_SLOTS - 2
 
 
 def _allocated_kib(q):
