@@ -1,4 +1,4 @@
-/* codec.c: lists of plain numbers as packed arrays, for the pool's messages.
+/* codec.c: lists of plain numbers and of plain records packed, for the pool's messages.
  *
  * A map over tiny tasks moves long lists of ints or floats both ways (a chunk of arguments,
  * a chunk of results). pickle spends an opcode and an object per item; packing the same list
@@ -123,6 +123,391 @@ pp_unpack_numbers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t
     return list;
 }
 
+/* ---- records: lists of plain tuples (or of plain strings) ----
+ *
+ * The everyday map goes over records: ("type1", i), (name, price, qty), and returns them.
+ * pickle spends several opcodes, a memo lookup and a dispatch per field; a list whose items
+ * are all exact tuples of one length, each field of a fixed kind through the list (the
+ * first item's), packs into one buffer in one pass and unpacks in one allocation per object.
+ * The kinds: exact int within int64 ('q'), exact float ('d'), exact str ('s': its code
+ * points as stored, so lone surrogates too; a field that is the very object of the previous
+ * item's is written once and shared again on unpacking, as pickle's memo would), and None,
+ * True or False ('k'). A list of only exact strs packs the same way (arity 0). Anything
+ * else (a subclass, a nested container, a bigger int, a field changing kind) is left to
+ * pickle: packing returns None.
+ *
+ * Layout: 'R', arity (0..PP_REC_MAX), one kind per field (one for arity 0), padding to 8,
+ * the number of items (int64), then the items back to back: q and d as 8 bytes, k as one
+ * byte (0 None, 1 False, 2 True), s as one byte (0: the previous item's; else the str's
+ * kind, 1, 2 or 4) then, unless shared, a uint32 length in code points and the code
+ * points. Native byte order: both ends are on this machine. */
+
+#define PP_REC_MAX 32
+
+typedef struct {
+    PyObject *bytes;
+    char *p;
+    Py_ssize_t len, cap;
+    Py_ssize_t rest; /* bytes still owed to the fixed parts of the items not yet written */
+} rec_buf;
+
+static int
+rec_reserve(rec_buf *b, Py_ssize_t more)
+{
+    if (b->len + more <= b->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = b->cap;
+    while (cap < b->len + more) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    if (_PyBytes_Resize(&b->bytes, cap) < 0) {
+        return -1;
+    }
+    b->cap = cap;
+    b->p = PyBytes_AS_STRING(b->bytes);
+    return 0;
+}
+
+/* The kind of field `o`, or 0 when it has none of the packable kinds. */
+static char
+rec_kind(PyObject *o)
+{
+    if (PyLong_CheckExact(o)) {
+        return 'q';
+    }
+    if (PyFloat_CheckExact(o)) {
+        return 'd';
+    }
+    if (PyUnicode_CheckExact(o)) {
+        return 's';
+    }
+    if (o == Py_None || o == Py_True || o == Py_False) {
+        return 'k';
+    }
+    return 0;
+}
+
+/* Writes field `o` of kind `kind`; 1 written, 0 not packable, -1 error (exception set). */
+static int
+rec_put(rec_buf *b, char kind, PyObject *o, PyObject *prev)
+{
+    switch (kind) {
+    case 'q': {
+        if (!PyLong_CheckExact(o)) {
+            return 0;
+        }
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow) {
+            return 0;
+        }
+        int64_t w = (int64_t)v;
+        memcpy(b->p + b->len, &w, 8);
+        b->len += 8;
+        return 1;
+    }
+    case 'd': {
+        if (!PyFloat_CheckExact(o)) {
+            return 0;
+        }
+        double d = PyFloat_AS_DOUBLE(o);
+        memcpy(b->p + b->len, &d, 8);
+        b->len += 8;
+        return 1;
+    }
+    case 'k':
+        if (o == Py_None) {
+            b->p[b->len++] = 0;
+        }
+        else if (o == Py_False) {
+            b->p[b->len++] = 1;
+        }
+        else if (o == Py_True) {
+            b->p[b->len++] = 2;
+        }
+        else {
+            return 0;
+        }
+        return 1;
+    default: { /* 's' */
+        if (!PyUnicode_CheckExact(o)) {
+            return 0;
+        }
+        if (o == prev) {
+            b->p[b->len++] = 0;
+            return 1;
+        }
+        Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+        int ukind = PyUnicode_KIND(o);
+        if (n > (Py_ssize_t)UINT32_MAX) {
+            return 0;
+        }
+        Py_ssize_t size = n * ukind;
+        /* its code points, and the fixed parts of this item and the rest: pp_pack_records */
+        if (rec_reserve(b, size + b->rest) < 0) {
+            return -1;
+        }
+        uint32_t n32 = (uint32_t)n;
+        b->p[b->len] = (char)ukind;
+        memcpy(b->p + b->len + 1, &n32, 4);
+        memcpy(b->p + b->len + 5, PyUnicode_DATA(o), (size_t)size);
+        b->len += 5 + size;
+        return 1;
+    }
+    }
+}
+
+/* pack_records(seq, /) -> bytes | None */
+static PyObject *
+pp_pack_records(PyObject *Py_UNUSED(module), PyObject *seq)
+{
+    if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (n == 0) {
+        Py_RETURN_NONE;
+    }
+    char kinds[PP_REC_MAX];
+    Py_ssize_t arity = 0, nk = 1;
+    if (PyTuple_CheckExact(items[0])) {
+        arity = PyTuple_GET_SIZE(items[0]);
+        if (arity == 0 || arity > PP_REC_MAX) {
+            Py_RETURN_NONE;
+        }
+        nk = arity;
+        for (Py_ssize_t j = 0; j < arity; j++) {
+            kinds[j] = rec_kind(PyTuple_GET_ITEM(items[0], j));
+            if (kinds[j] == 0) {
+                Py_RETURN_NONE;
+            }
+        }
+    }
+    else {
+        kinds[0] = rec_kind(items[0]);
+        if (kinds[0] != 's') { /* plain ints and floats: pack_numbers */
+            Py_RETURN_NONE;
+        }
+    }
+    Py_ssize_t fixed = 0; /* bytes of an item without its strings' code points */
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        fixed += kinds[j] == 'q' || kinds[j] == 'd' ? 8 : kinds[j] == 'k' ? 1 : 5;
+    }
+    Py_ssize_t head = (2 + nk + 7) / 8 * 8 + 8;
+    if (n > (PY_SSIZE_T_MAX - head) / fixed - 1) {
+        return PyErr_NoMemory();
+    }
+    rec_buf b = {NULL, NULL, 0, head + n * fixed, n * fixed};
+    b.bytes = PyBytes_FromStringAndSize(NULL, b.cap);
+    if (b.bytes == NULL) {
+        return NULL;
+    }
+    b.p = PyBytes_AS_STRING(b.bytes);
+    memset(b.p, 0, (size_t)head);
+    b.p[0] = 'R';
+    b.p[1] = (char)arity;
+    memcpy(b.p + 2, kinds, (size_t)nk);
+    int64_t n64 = (int64_t)n;
+    memcpy(b.p + head - 8, &n64, 8);
+    b.len = head;
+    /* Room: every item's fixed part is reserved up front (n * fixed, 5 bytes per str); a
+     * str reserves its code points beyond what the items still to write are owed (b.rest),
+     * so nothing is written past cap. Nothing here runs Python code or releases the GIL, so
+     * seq cannot change meanwhile. */
+    PyObject *prev[PP_REC_MAX] = {NULL};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = items[i];
+        int r = 1;
+        b.rest = (n - i) * fixed;
+        if (arity == 0) {
+            r = rec_put(&b, kinds[0], it, prev[0]);
+            prev[0] = it;
+        }
+        else {
+            if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != arity) {
+                goto not_packable;
+            }
+            for (Py_ssize_t j = 0; j < arity; j++) {
+                PyObject *o = PyTuple_GET_ITEM(it, j);
+                r = rec_put(&b, kinds[j], o, prev[j]);
+                if (r <= 0) {
+                    break;
+                }
+                prev[j] = o;
+            }
+        }
+        if (r < 0) {
+            Py_DECREF(b.bytes);
+            return NULL;
+        }
+        if (r == 0) {
+            goto not_packable;
+        }
+    }
+    if (_PyBytes_Resize(&b.bytes, b.len) < 0) {
+        return NULL;
+    }
+    return b.bytes;
+not_packable:
+    Py_DECREF(b.bytes);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+rec_corrupt(void)
+{
+    PyErr_SetString(PyExc_ValueError, "unpack_records: malformed buffer");
+    return NULL;
+}
+
+/* One field from src[*pos..end); a new reference, or NULL (exception set). */
+static PyObject *
+rec_get(const char *src, Py_ssize_t *pos, Py_ssize_t end, char kind, PyObject *prev)
+{
+    Py_ssize_t at = *pos;
+    switch (kind) {
+    case 'q': {
+        if (end - at < 8) {
+            return rec_corrupt();
+        }
+        int64_t w;
+        memcpy(&w, src + at, 8);
+        *pos = at + 8;
+        return PyLong_FromLongLong((long long)w);
+    }
+    case 'd': {
+        if (end - at < 8) {
+            return rec_corrupt();
+        }
+        double d;
+        memcpy(&d, src + at, 8);
+        *pos = at + 8;
+        return PyFloat_FromDouble(d);
+    }
+    case 'k': {
+        if (end - at < 1 || (unsigned char)src[at] > 2) {
+            return rec_corrupt();
+        }
+        *pos = at + 1;
+        PyObject *o = src[at] == 0 ? Py_None : src[at] == 1 ? Py_False : Py_True;
+        return Py_NewRef(o);
+    }
+    default: { /* 's' */
+        if (end - at < 1) {
+            return rec_corrupt();
+        }
+        int ukind = (unsigned char)src[at];
+        if (ukind == 0) {
+            if (prev == NULL) {
+                return rec_corrupt();
+            }
+            *pos = at + 1;
+            return Py_NewRef(prev);
+        }
+        if ((ukind != 1 && ukind != 2 && ukind != 4) || end - at < 5) {
+            return rec_corrupt();
+        }
+        uint32_t n32;
+        memcpy(&n32, src + at + 1, 4);
+        Py_ssize_t size = (Py_ssize_t)n32 * ukind;
+        if (end - at - 5 < size) {
+            return rec_corrupt();
+        }
+        *pos = at + 5 + size;
+        return PyUnicode_FromKindAndData(ukind, src + at + 5, (Py_ssize_t)n32);
+    }
+    }
+}
+
+/* unpack_records(buffer, /) -> list */
+static PyObject *
+pp_unpack_records(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const char *src = view.buf;
+    Py_ssize_t end = view.len;
+    PyObject *list = NULL;
+    PyObject *prev[PP_REC_MAX] = {NULL}; /* borrowed from the list being built */
+    if (end < 2 || src[0] != 'R' || (unsigned char)src[1] > PP_REC_MAX) {
+        goto corrupt;
+    }
+    Py_ssize_t arity = (unsigned char)src[1];
+    Py_ssize_t nk = arity ? arity : 1;
+    Py_ssize_t head = (2 + nk + 7) / 8 * 8 + 8;
+    if (end < head) {
+        goto corrupt;
+    }
+    char kinds[PP_REC_MAX];
+    memcpy(kinds, src + 2, (size_t)nk);
+    for (Py_ssize_t j = 0; j < nk; j++) {
+        if (kinds[j] != 'q' && kinds[j] != 'd' && kinds[j] != 's' && kinds[j] != 'k') {
+            goto corrupt;
+        }
+    }
+    int64_t n64;
+    memcpy(&n64, src + head - 8, 8);
+    if (n64 < 0 || n64 > end - head) { /* every item takes at least one byte */
+        goto corrupt;
+    }
+    Py_ssize_t n = (Py_ssize_t)n64;
+    list = PyList_New(n);
+    if (list == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    Py_ssize_t pos = head;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item;
+        if (arity == 0) {
+            item = rec_get(src, &pos, end, kinds[0], prev[0]);
+            if (item == NULL) {
+                goto fail;
+            }
+            prev[0] = item;
+        }
+        else {
+            item = PyTuple_New(arity);
+            if (item == NULL) {
+                goto fail;
+            }
+            for (Py_ssize_t j = 0; j < arity; j++) {
+                PyObject *o = rec_get(src, &pos, end, kinds[j], prev[j]);
+                if (o == NULL) {
+                    Py_DECREF(item);
+                    goto fail;
+                }
+                PyTuple_SET_ITEM(item, j, o);
+                prev[j] = o;
+            }
+            /* Its fields are ints, floats, strs and singletons, none of which the cycle
+             * collector tracks: untrack it now, as the collector itself would at its first
+             * pass over it (a big list of records would otherwise cost several passes). */
+            PyObject_GC_UnTrack(item);
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    if (pos != end) {
+        goto corrupt;
+    }
+    PyBuffer_Release(&view);
+    return list;
+corrupt:
+    rec_corrupt();
+fail:
+    Py_XDECREF(list); /* its unset items are NULL, which list_dealloc skips */
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
 PyMethodDef pp_codec_methods[] = {
     {"pack_numbers", pp_pack_numbers, METH_O,
      "pack_numbers($module, seq, /)\n--\n\n"
@@ -131,5 +516,13 @@ PyMethodDef pp_codec_methods[] = {
     {"unpack_numbers", (PyCFunction)(void (*)(void))pp_unpack_numbers, METH_FASTCALL,
      "unpack_numbers($module, typecode, buffer, /)\n--\n\n"
      "The list that pack_numbers packed into buffer."},
+    {"pack_records", pp_pack_records, METH_O,
+     "pack_records($module, seq, /)\n--\n\n"
+     "bytes for a list or tuple of only exact tuples of one length whose fields keep one kind\n"
+     "(exact int within int64, exact float, exact str, None/True/False), or of only exact\n"
+     "strs; None for anything else."},
+    {"unpack_records", pp_unpack_records, METH_O,
+     "unpack_records($module, buffer, /)\n--\n\n"
+     "The list that pack_records packed into buffer (its tuples are new tuples)."},
     {NULL, NULL, 0, NULL},
 };

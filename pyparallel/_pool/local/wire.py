@@ -21,7 +21,8 @@ with plain pickle as multiprocessing does; ``tid`` READY_TID says the worker sta
 initializer ran), INIT_FAILED_TID reports an initializer that raised.
 
 Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed
-arrays (:func:`pack_numbers`, codec.c).
+arrays, and long lists of plain records (tuples of ints, floats, strs, None and bools, the
+same kind per field) or of strs as one packed buffer (:func:`pack_numbers`, codec.c).
 """
 from __future__ import annotations
 
@@ -60,14 +61,30 @@ class _Numbers:
         return _core.unpack_numbers, (self.code, pickle.PickleBuffer(self.data))
 
 
-def pack_numbers(seq):
+class _Records:
+    """Stands in for a list of plain records (or strs) in a pickle: one packed buffer (out of
+    band when large), unpickled as the equal list of new tuples (codec.c)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return _core.unpack_records, (pickle.PickleBuffer(self.data),)
+
+
+def pack_numbers(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
     """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
-    exact floats, a stand-in that pickles it several times faster. It unpickles as a list:
-    use it only where a list is what the receiver needs."""
+    exact floats, or of plain records (see codec.c), a stand-in that pickles it several times
+    faster. It unpickles as a list: use it only where a list is what the receiver needs."""
     if len(seq) >= _tunables.PACK_MIN:
-        packed = _core.pack_numbers(seq)
+        packed = _pack_numbers(seq)
         if packed is not None:
             return _Numbers(*packed)
+        packed = _pack_records(seq)
+        if packed is not None:
+            return _Records(packed)
     return seq
 
 
