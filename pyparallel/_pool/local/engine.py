@@ -73,6 +73,7 @@ class _Task:
     seg: Any = None  # the spill segment its buffers went through
     budget: float | None = None  # seconds it may run (task_timeout times its items)
     label: str = ""  # what it runs, for the timeout's message
+    seq: int = 0  # its number among the tasks sent to its slot (its claim word: seq % CLAIMS)
 
 
 @dataclass(slots=True, eq=False)
@@ -88,10 +89,17 @@ class _Slot:
     head_since: float = 0.0  # when the oldest task it holds started running (about)
     timed_out: int | None = None  # the task it was killed for running too long
     leaving: bool = False  # it was asked to leave
+    seq: int = 0  # tasks dispatched to the slot, ever (numbers their claim words)
+    stale: collections.deque = field(default_factory=collections.deque)  # stolen, maybe unread
 
 
 class _Retry(Exception):
     pass
+
+
+#: claim words per slot (see wire: a task's claim); more than a slot ever has unread
+CLAIMS = 64
+QUEUED, TAKEN, STOLEN = 0, 1, 2
 
 
 def _check_resources(processes):
@@ -142,6 +150,9 @@ class LocalBackend:
                                 _tunables.RESULT_RING_BYTES)
         self.lock = threading.Lock()
         self.slots = [_Slot(i) for i in range(processes)]
+        # The tasks' claim words (stealing a queued task back for an idle worker)
+        self.claims_seg = _core.Segment(-(-processes * CLAIMS * 4 // 4096) * 4096)
+        self.claims = _core.SharedView(self.claims_seg, 0, "i", processes * CLAIMS, False)
         self.stalled = 0  # slots with outgoing messages
         self.tasks = {}  # tid -> _Task
         self.spills = spill.SpillPool(keep=2 * processes + 2)
@@ -176,7 +187,8 @@ class LocalBackend:
         fd, pipe_fd = self.ch.fds
         p = self.ctx.Process(
             target=worker.main,
-            args=(os.getpid(), fd, pipe_fd, slot.index, self.init, self.maxtasks, self.threads),
+            args=(os.getpid(), fd, pipe_fd, slot.index, self.init, self.maxtasks, self.threads,
+                  (self.claims_seg.fd, self.claims_seg.ino, self.claims_seg.size, CLAIMS)),
             name=f"PyParallelPoolWorker-{slot.index}",
             daemon=True,
         )
@@ -190,6 +202,7 @@ class LocalBackend:
         slot.ready = False
         slot.leaving = False
         slot.funcs = set()
+        slot.stale.clear()
 
     def _abandon_start(self):
         """A worker could not start: stop the ones that did, release everything."""
@@ -211,6 +224,7 @@ class LocalBackend:
             s.proc = None
         self.lifecycle.to(State.TERMINATE)
         self.ch.close()
+        self._close_claims()
 
     def _kill_all(self):
         procs = [s.proc for s in self.slots if s.proc is not None]
@@ -308,11 +322,12 @@ class LocalBackend:
         if self.broken is not None:
             self._fail_everything(self.broken, done)
             return
-        if not self.jobs and not self.retry and self.stalled == 0:
-            return
         written = []
         try:
-            self._write_tasks(done, written)
+            if not self.jobs and not self.retry and self.stalled == 0:
+                self._steal(written)
+            else:
+                self._write_tasks(done, written)
         finally:
             for i in written:  # wake the workers only once everything is written
                 self.ch.wake(i)
@@ -340,10 +355,51 @@ class LocalBackend:
                 return
             task = self._next_task(done)
             if task is None:
-                return
+                break
             self._dispatch(slot, task)
             if slot.index not in written:
                 written.append(slot.index)
+        self._steal(written)
+
+    def _steal(self, written):
+        """Nothing new to send: an idle worker takes the newest task queued behind a running
+        one on another worker, rather than let it wait there (head-of-line blocking). The
+        claim word decides a race with that worker starting it: whoever moves it first."""
+        if len(self.tasks) < 2:  # nothing queued behind anything (a round trip, say)
+            return
+        maxtasks = self.maxtasks
+        while True:
+            idle = None
+            for slot in self.slots:
+                if (not slot.inflight and slot.proc is not None and not slot.outgoing
+                        and not slot.leaving and (maxtasks is None or slot.sent < maxtasks)):
+                    idle = slot
+                    break
+            if idle is None:
+                return
+            victim = None
+            for slot in self.slots:  # the one whose running task started first
+                if (len(slot.inflight) > 1 and not slot.outgoing and slot.proc is not None
+                        and (victim is None or slot.head_since < victim.head_since)):
+                    victim = slot
+            if victim is None:
+                return
+            task = self.tasks[victim.inflight[-1]]
+            word = victim.index * CLAIMS + task.seq % CLAIMS
+            if not self.claims.compare_exchange(word, QUEUED, STOLEN):
+                return  # the worker has just started it (so its previous task is done)
+            victim.inflight.pop()
+            victim.sent -= 1
+            victim.stale.append(task.seq)
+            del self.tasks[task.tid]
+            if task.seg is not None:  # the worker skips the message without mapping it
+                self.spills.give(task.seg, worker_gone=True)
+                task.seg = None
+            if task.budget is not None:
+                self.timed -= 1
+            self._dispatch(idle, task)
+            if idle.index not in written:
+                written.append(idle.index)
 
     def _free_slot(self):
         """The slot with the fewest tasks in flight among those that may take one more."""
@@ -353,7 +409,8 @@ class LocalBackend:
         for slot in self.slots:
             k = len(slot.inflight)
             if (k < fewest and slot.proc is not None and not slot.outgoing and not slot.leaving
-                    and (maxtasks is None or slot.sent < maxtasks)):
+                    and (maxtasks is None or slot.sent < maxtasks)
+                    and k + len(slot.stale) < CLAIMS - 1):
                 best, fewest = slot, k
         return best
 
@@ -372,7 +429,11 @@ class LocalBackend:
         if task.fid not in slot.funcs:
             slot.funcs.add(task.fid)
             self._send(slot, wire.encode_define(task.fid, self.fid_pickles[task.fid]))
-        msg, task.seg = self.spills.spill(task.parts)
+        task.seq = seq = slot.seq
+        slot.seq = seq + 1
+        claim = seq % CLAIMS
+        self.claims.store(slot.index * CLAIMS + claim, QUEUED)
+        msg, task.seg = self.spills.spill(wire.with_claim(task.parts, claim))
         task.sent_at = _monotonic()
         self.tasks[task.tid] = task
         if not slot.inflight:
@@ -413,6 +474,9 @@ class LocalBackend:
         if task is None:
             return
         self.warm = True
+        stale = slot.stale
+        while stale and stale[0] < task.seq:  # read (and skipped) before this one ran
+            stale.popleft()
         dq = slot.inflight
         if dq and dq[0] == tid:
             dq.popleft()
@@ -783,6 +847,14 @@ class LocalBackend:
         with self.lock:
             self.spills.close()
         self.ch.close()
+        self._close_claims()
+
+    def _close_claims(self):
+        self.claims = None  # the view holds a buffer of the segment
+        try:
+            self.claims_seg.close()
+        except BufferError:  # pragma: no cover - a view is still referenced somewhere
+            pass
 
     def join(self) -> None:
         if self.thread is not None and self.thread is not threading.current_thread():

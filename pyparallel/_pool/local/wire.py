@@ -16,6 +16,11 @@ Messages, parent to worker:
   task, not the worker);
 - an empty message: leave.
 
+A task names a **claim word** (flags from bit CLAIM_SHIFT): before running it the worker
+moves that word from QUEUED to TAKEN, and a parent that took the task back to run it on an
+idle worker moved it to STOLEN first, so exactly one of them has it (the worker skips a stolen
+task's message).
+
 Worker to parent: a **result**, payload ``(success, value)`` for the task ``tid``, pickled
 with plain pickle as multiprocessing does; ``tid`` READY_TID says the worker started (its
 initializer ran), INIT_FAILED_TID reports an initializer that raised.
@@ -36,6 +41,8 @@ HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
 SPILLED = 1
 #: flag: a function definition, not a task
 DEFINE = 2
+#: a task's claim word (1 + its index in the worker slot's claims), in the flags from bit 8
+CLAIM_SHIFT = 8
 SPILL_HEAD = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
 
 #: tid of the message a worker sends when its initializer failed
@@ -113,6 +120,14 @@ def encode(tid: int, obj, dumps=None) -> tuple:
     else:
         data = dumps(obj, buffer_callback=oob)
     return (_header(tid, bufs, len(data), 0), data, *bufs)
+
+
+def with_claim(parts, claim: int) -> tuple:
+    """The same message, its flags naming claim word ``claim`` (see engine: stealing)."""
+    head = parts[0]
+    tid, nbuf, plen, flags = HEAD.unpack_from(head, 0)
+    flags = (flags & ((1 << CLAIM_SHIFT) - 1)) | ((claim + 1) << CLAIM_SHIFT)
+    return (HEAD.pack(tid, nbuf, plen, flags) + head[HEAD.size:], *parts[1:])
 
 
 def encode_define(fid: int, func_pickle: bytes) -> tuple:

@@ -71,7 +71,7 @@ class _Functions:
         return func
 
 
-def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
+def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None):
     # Ctrl-C is the parent's business: it cancels calls and replaces workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
@@ -81,6 +81,15 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
     except OSError:  # the pool was torn down while this worker started: nothing to serve
         os._exit(3)
+    claim_view = None
+    if claims is not None:  # the words that say whether the parent took a queued task back
+        cfd, cino, csize, per_slot = claims
+        try:
+            claim_seg = _core.Segment.attach(parent_pid, cfd, cino, csize)
+        except OSError:
+            os._exit(3)
+        claim_view = _core.SharedView(claim_seg, slot * per_slot * 4, "i", per_slot, False)
+        del claim_seg
     identity._set(identity.WorkerInfo(slot, os.getpid()))
     if init is not None:
         try:
@@ -108,6 +117,9 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         if flags & wire.DEFINE:
             funcs.define(tid, wire.define_payload(msg))
             continue
+        claim = flags >> wire.CLAIM_SHIFT
+        if claim and not claim_view.compare_exchange(claim - 1, 0, 1):
+            continue  # the parent took it back for another worker (queued -> stolen)
         seg = None
         try:
             (fid, args, kind), seg = wire.decode(msg, parent_pid, spills)[1:]
@@ -139,4 +151,5 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             seg = None
         done += 1
     spills.close()
+    claim_view = None
     ch.close()
