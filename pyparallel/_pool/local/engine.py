@@ -91,6 +91,7 @@ class _Slot:
     leaving: bool = False  # it was asked to leave
     seq: int = 0  # tasks dispatched to the slot, ever (numbers their claim words)
     stale: collections.deque = field(default_factory=collections.deque)  # stolen, maybe unread
+    gen: int = 0  # workers started for the slot (tags its result segments' words)
 
 
 class _Retry(Exception):
@@ -151,8 +152,15 @@ class LocalBackend:
         self.lock = threading.Lock()
         self.slots = [_Slot(i) for i in range(processes)]
         # The tasks' claim words (stealing a queued task back for an idle worker)
-        self.claims_seg = _core.Segment(-(-processes * CLAIMS * 4 // 4096) * 4096)
-        self.claims = _core.SharedView(self.claims_seg, 0, "i", processes * CLAIMS, False)
+        # (then one word: 1 while big results may come in segments of the workers'; then the
+        # words of those segments, RESULT_SEGMENTS_HELD per slot: see spill.ResultSegments)
+        words = processes * (CLAIMS + _tunables.RESULT_SEGMENTS_HELD) + 1
+        self.claims_seg = _core.Segment(-(-words * 4 // 4096) * 4096)
+        self.claims = _core.SharedView(self.claims_seg, 0, "i", words, False)
+        self.claims.store(processes * CLAIMS, 1)
+        self.results_flag = 1  # that word's value
+        self.result_segs = weakref.WeakSet()  # those mapped here that results still use
+        self.result_segs_max = _result_segments_max()
         self.stalled = 0  # slots with outgoing messages
         self.tasks = {}  # tid -> _Task
         self.spills = spill.SpillPool(keep=2 * processes + 2)
@@ -185,10 +193,12 @@ class LocalBackend:
 
     def _spawn(self, slot):
         fd, pipe_fd = self.ch.fds
+        slot.gen += 1
         p = self.ctx.Process(
             target=worker.main,
             args=(os.getpid(), fd, pipe_fd, slot.index, self.init, self.maxtasks, self.threads,
-                  (self.claims_seg.fd, self.claims_seg.ino, self.claims_seg.size, CLAIMS)),
+                  (self.claims_seg.fd, self.claims_seg.ino, self.claims_seg.size, CLAIMS,
+                   self.processes, _tunables.RESULT_SEGMENTS_HELD), slot.gen),
             name=f"PyParallelPoolWorker-{slot.index}",
             daemon=True,
         )
@@ -429,6 +439,8 @@ class LocalBackend:
         if task.fid not in slot.funcs:
             slot.funcs.add(task.fid)
             self._send(slot, wire.encode_define(task.fid, self.fid_pickles[task.fid]))
+        if not self.results_flag:  # results the caller let go of may have freed some
+            self._results_ok()
         task.seq = seq = slot.seq
         slot.seq = seq + 1
         claim = seq % CLAIMS
@@ -496,9 +508,40 @@ class LocalBackend:
         self.task_time += 0.3 * (dt - self.task_time)
         if task.seg is not None:
             self.spills.give(task.seg)
+        flags = wire.peek(msg)[1]
+        if flags & wire.SPILLED:
+            # Its buffers are in a segment of the worker's: map it now (the worker waits for
+            # that before it exits), and give it back once the results let go of it.
+            word = (self.processes * CLAIMS + 1 + slot.index * _tunables.RESULT_SEGMENTS_HELD
+                    + (flags >> wire.CLAIM_SHIFT) - 1)
+            tag = slot.gen * 4
+            try:
+                fd, ino, size = wire.spill_ref(msg)
+                seg = _core.Segment.attach(slot.proc.pid, fd, ino, size)
+            except OSError as e:
+                self.claims.compare_exchange(word, tag + spill.R_SENT, spill.R_FREE)
+                msg = (False, OSError(e.errno, f"the task's result could not be mapped from "
+                                               f"its worker's shared segment: {e.strerror}"))
+            else:
+                self.claims.compare_exchange(word, tag + spill.R_SENT, tag + spill.R_MAPPED)
+                weakref.finalize(seg, _result_freed, weakref.ref(self), word,
+                                 tag + spill.R_MAPPED)
+                msg = _MappedResult(msg, seg)
+                self.result_segs.add(seg)
+            self._results_ok()
+        elif self.result_segs or not self.results_flag:
+            self._results_ok()
         if task.job.cancelled:
             return
         done.append((task.job.result, task.start, task.count, msg, task.job.single))
+
+    def _results_ok(self):
+        """Tells the workers whether big results may come in segments (not while too many
+        of those are alive here: each holds a file descriptor)."""
+        ok = int(len(self.result_segs) < self.result_segs_max)
+        if self.results_flag != ok:
+            self.results_flag = ok
+            self.claims.store(self.processes * CLAIMS, ok)
 
     def _drain_all(self, done):
         """Takes every slot's results (self.lock held); False once the pool is terminated."""
@@ -636,6 +679,8 @@ class LocalBackend:
                     continue
                 if type(obj) is bytearray:
                     obj = self._decode(obj)
+                elif type(obj) is _MappedResult:
+                    obj = self._decode(obj.msg, obj)
                 success, value = obj
                 if success and len(entry) > 4 and entry[4] and count == 1 \
                         and not isinstance(result, _ApplyResult):
@@ -650,9 +695,9 @@ class LocalBackend:
                     traceback.print_exc()
         done.clear()
 
-    def _decode(self, msg):
+    def _decode(self, msg, mapped=None):
         try:
-            return wire.decode(msg)[1]
+            return wire.decode(msg, None, mapped)[1]
         except BaseException as e:  # noqa: BLE001 - a result that cannot be unpickled here
             return (False, e)
 
@@ -886,6 +931,44 @@ class LocalBackend:
             self._pump(done)
         self._complete(done)
         self.kick()
+
+
+class _MappedResult:
+    """A result message whose buffers are in a segment already mapped here; decoding it
+    "attaches" that segment (see wire.decode's cache)."""
+
+    __slots__ = ("msg", "seg")
+
+    def __init__(self, msg, seg):
+        self.msg = msg
+        self.seg = seg
+
+    def attach(self, pid, fd, ino, size):
+        seg, self.seg = self.seg, None
+        return seg
+
+    def release(self, seg):
+        seg.close()
+
+
+def _result_freed(engine_ref, word, tag):
+    """The last view of a result segment is gone: its worker may write it again."""
+    eng = engine_ref()
+    claims = eng.claims if eng is not None else None
+    if claims is not None:
+        claims.compare_exchange(word, tag, spill.R_FREE)
+
+
+def _result_segments_max():
+    import resource
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, min(_tunables.RESULT_SEGMENTS_MAX, soft // 4))
 
 
 def _describe_call(job, chunk):

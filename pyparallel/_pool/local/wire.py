@@ -22,7 +22,8 @@ idle worker moved it to STOLEN first, so exactly one of them has it (the worker 
 task's message).
 
 Worker to parent: a **result**, payload ``(success, value)`` for the task ``tid``, pickled
-with plain pickle as multiprocessing does; ``tid`` READY_TID says the worker started (its
+with plain pickle as multiprocessing does (big out-of-band buffers SPILLED into a segment of
+the worker's, which the parent maps and keeps: see :class:`.spill.ResultSegments`); ``tid`` READY_TID says the worker started (its
 initializer ran), INIT_FAILED_TID reports an initializer that raised.
 
 Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed
@@ -144,6 +145,12 @@ def peek(msg) -> tuple:
     """(tid, flags) of a received message."""
     tid, _, _, flags = HEAD.unpack_from(msg, 0)
     return tid, flags
+
+
+def spill_ref(msg) -> tuple:
+    """(fd, inode, size) of the segment a SPILLED message's buffers are in."""
+    _, nbuf, _, _ = HEAD.unpack_from(msg, 0)
+    return SPILL_HEAD.unpack_from(msg, HEAD.size + 8 * nbuf)
 
 
 def peek_tid(msg) -> int:
