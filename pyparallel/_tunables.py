@@ -53,6 +53,9 @@ RESULT_SEGMENTS_MAX = 512
 RESULT_SEGMENTS_HELD = 64
 #: lists of plain numbers at least this long travel packed (codec.c)
 PACK_MIN = 64
+#: a worker unpacks a chunk of packed records this many at a time as its function takes them
+#: (the argument tuples are freed as it goes: their memory is reused, not faulted in anew)
+RECORDS_PART = 512
 
 # ---- functions ----
 #: a function whose by-value pickle (with the globals it must carry) is bigger than this

@@ -425,53 +425,56 @@ rec_get(const char *src, Py_ssize_t *pos, Py_ssize_t end, char kind, PyObject *p
     }
 }
 
-/* unpack_records(buffer, /) -> list */
-static PyObject *
-pp_unpack_records(PyObject *Py_UNUSED(module), PyObject *arg)
+/* Reads the header: 0, or -1 with ValueError set. */
+static int
+rec_header(const char *src, Py_ssize_t end, Py_ssize_t *arity, char *kinds, Py_ssize_t *n,
+           Py_ssize_t *head)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
-    }
-    const char *src = view.buf;
-    Py_ssize_t end = view.len;
-    PyObject *list = NULL;
-    PyObject *prev[PP_REC_MAX] = {NULL}; /* borrowed from the list being built */
     if (end < 2 || src[0] != 'R' || (unsigned char)src[1] > PP_REC_MAX) {
-        goto corrupt;
+        rec_corrupt();
+        return -1;
     }
-    Py_ssize_t arity = (unsigned char)src[1];
-    Py_ssize_t nk = arity ? arity : 1;
-    Py_ssize_t head = (2 + nk + 7) / 8 * 8 + 8;
-    if (end < head) {
-        goto corrupt;
+    *arity = (unsigned char)src[1];
+    Py_ssize_t nk = *arity ? *arity : 1;
+    *head = (2 + nk + 7) / 8 * 8 + 8;
+    if (end < *head) {
+        rec_corrupt();
+        return -1;
     }
-    char kinds[PP_REC_MAX];
     memcpy(kinds, src + 2, (size_t)nk);
     for (Py_ssize_t j = 0; j < nk; j++) {
         if (kinds[j] != 'q' && kinds[j] != 'd' && kinds[j] != 's' && kinds[j] != 'k') {
-            goto corrupt;
+            rec_corrupt();
+            return -1;
         }
     }
     int64_t n64;
-    memcpy(&n64, src + head - 8, 8);
-    if (n64 < 0 || n64 > end - head) { /* every item takes at least one byte */
-        goto corrupt;
+    memcpy(&n64, src + *head - 8, 8);
+    if (n64 < 0 || n64 > end - *head) { /* every item takes at least one byte */
+        rec_corrupt();
+        return -1;
     }
-    Py_ssize_t n = (Py_ssize_t)n64;
-    list = PyList_New(n);
+    *n = (Py_ssize_t)n64;
+    return 0;
+}
+
+/* A new list of the `count` items from src[*pos..end); `prev`: the previous item's fields
+ * (borrowed; updated to fields of the list's last item). NULL with an exception set. */
+static PyObject *
+rec_items(const char *src, Py_ssize_t end, Py_ssize_t arity, const char *kinds, Py_ssize_t *pos,
+          PyObject **prev, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
     if (list == NULL) {
-        PyBuffer_Release(&view);
         return NULL;
     }
     /* No Python code sees the list while it is filled: untracked meanwhile, the cycle
      * collector's passes (one per 700 tuples made) do not walk it again and again. */
     PyObject_GC_UnTrack(list);
-    Py_ssize_t pos = head;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *item;
         if (arity == 0) {
-            item = rec_get(src, &pos, end, kinds[0], prev[0]);
+            item = rec_get(src, pos, end, kinds[0], prev[0]);
             if (item == NULL) {
                 goto fail;
             }
@@ -483,7 +486,7 @@ pp_unpack_records(PyObject *Py_UNUSED(module), PyObject *arg)
                 goto fail;
             }
             for (Py_ssize_t j = 0; j < arity; j++) {
-                PyObject *o = rec_get(src, &pos, end, kinds[j], prev[j]);
+                PyObject *o = rec_get(src, pos, end, kinds[j], prev[j]);
                 if (o == NULL) {
                     Py_DECREF(item);
                     goto fail;
@@ -498,18 +501,110 @@ pp_unpack_records(PyObject *Py_UNUSED(module), PyObject *arg)
         }
         PyList_SET_ITEM(list, i, item);
     }
-    if (pos != end) {
-        goto corrupt;
-    }
     PyObject_GC_Track(list);
-    PyBuffer_Release(&view);
     return list;
-corrupt:
-    rec_corrupt();
 fail:
-    Py_XDECREF(list); /* its unset items are NULL, which list_dealloc skips */
-    PyBuffer_Release(&view);
+    Py_DECREF(list); /* its unset items are NULL, which list_dealloc skips */
     return NULL;
+}
+
+/* unpack_records(buffer, /) -> list
+ * unpack_records(buffer, state, count, /) -> (list, state): the next `count` items at most;
+ * state None to start, and None again once every item was read. */
+static PyObject *
+pp_unpack_records(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "unpack_records(buffer[, state, count])");
+        return NULL;
+    }
+    Py_ssize_t count = -1;
+    if (nargs == 3) {
+        count = PyLong_AsSsize_t(args[2]);
+        if (count == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (count < 1) {
+            PyErr_SetString(PyExc_ValueError, "unpack_records: count must be at least 1");
+            return NULL;
+        }
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    PyObject *result = NULL, *list = NULL;
+    const char *src = view.buf;
+    Py_ssize_t end = view.len, arity, n, head;
+    char kinds[PP_REC_MAX];
+    if (rec_header(src, end, &arity, kinds, &n, &head) < 0) {
+        goto done;
+    }
+    Py_ssize_t nk = arity ? arity : 1;
+    PyObject *prev[PP_REC_MAX] = {NULL};
+    Py_ssize_t pos = head, at = 0;
+    if (nargs == 3 && args[1] != Py_None) { /* (pos, items read, previous fields) */
+        PyObject *st = args[1];
+        if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) != 2 + nk) {
+            PyErr_SetString(PyExc_ValueError, "unpack_records: bad state");
+            goto done;
+        }
+        pos = PyLong_AsSsize_t(PyTuple_GET_ITEM(st, 0));
+        at = PyLong_AsSsize_t(PyTuple_GET_ITEM(st, 1));
+        if ((pos == -1 || at == -1) && PyErr_Occurred()) {
+            goto done;
+        }
+        if (pos < head || pos > end || at < 0 || at > n) {
+            PyErr_SetString(PyExc_ValueError, "unpack_records: bad state");
+            goto done;
+        }
+        for (Py_ssize_t j = 0; j < nk; j++) {
+            PyObject *o = PyTuple_GET_ITEM(st, 2 + j);
+            prev[j] = o == Py_None ? NULL : o; /* borrowed: the state tuple holds them */
+        }
+    }
+    Py_ssize_t take = count < 0 || count > n - at ? n - at : count;
+    list = rec_items(src, end, arity, kinds, &pos, prev, take);
+    if (list == NULL) {
+        goto done;
+    }
+    at += take;
+    if (at == n && pos != end) {
+        rec_corrupt();
+        goto done;
+    }
+    if (nargs == 1) {
+        result = list;
+        list = NULL;
+        goto done;
+    }
+    PyObject *state = Py_None;
+    Py_INCREF(state);
+    if (at < n) {
+        Py_DECREF(state);
+        state = PyTuple_New(2 + nk);
+        if (state == NULL) {
+            goto done;
+        }
+        PyObject *a = PyLong_FromSsize_t(pos), *b = PyLong_FromSsize_t(at);
+        if (a == NULL || b == NULL) {
+            Py_XDECREF(a);
+            Py_XDECREF(b);
+            Py_DECREF(state);
+            goto done;
+        }
+        PyTuple_SET_ITEM(state, 0, a);
+        PyTuple_SET_ITEM(state, 1, b);
+        for (Py_ssize_t j = 0; j < nk; j++) {
+            PyTuple_SET_ITEM(state, 2 + j, Py_NewRef(prev[j] != NULL ? prev[j] : Py_None));
+        }
+    }
+    result = PyTuple_Pack(2, list, state);
+    Py_DECREF(state);
+done:
+    Py_XDECREF(list);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 PyMethodDef pp_codec_methods[] = {
@@ -525,8 +620,10 @@ PyMethodDef pp_codec_methods[] = {
      "bytes for a list or tuple of only exact tuples of one length whose fields keep one kind\n"
      "(exact int within int64, exact float, exact str, None/True/False), or of only exact\n"
      "strs; None for anything else."},
-    {"unpack_records", pp_unpack_records, METH_O,
-     "unpack_records($module, buffer, /)\n--\n\n"
-     "The list that pack_records packed into buffer (its tuples are new tuples)."},
+    {"unpack_records", (PyCFunction)(void (*)(void))pp_unpack_records, METH_FASTCALL,
+     "unpack_records($module, buffer, state=None, count=None, /)\n--\n\n"
+     "The list that pack_records packed into buffer (its tuples are new tuples). With state\n"
+     "and count: (the next count items at most, the state to go on from), state None to\n"
+     "start and None again after the last item."},
     {NULL, NULL, 0, NULL},
 };

@@ -219,3 +219,46 @@ def test_pool_records_both_ways():
         assert p.starmap(max, [(i, -i) for i in range(1000)]) == list(range(1000))
         words = [f"w{i}" for i in range(1000)]
         assert p.map(str.upper, words) == [w.upper() for w in words]
+
+
+def test_records_unpack_in_parts_matches_whole():
+    seq = [("same", i, "x" if i % 3 else f"v{i}") for i in range(2000)]
+    buf = _core.pack_records(seq)
+    for part in (1, 7, 512, 1999, 2000, 5000):
+        got, state = [], None
+        while True:
+            items, state = _core.unpack_records(buf, state, part)
+            got.extend(items)
+            if state is None:
+                break
+        assert got == seq
+    assert list(_serialize.iter_records(buf)) == seq
+    words = ["a", "a", "b"] * 100
+    assert list(_serialize.iter_records(_core.pack_records(words))) == words
+
+
+def test_records_parts_reject_bad_state():
+    buf = _core.pack_records([("a", i) for i in range(100)])
+    _, state = _core.unpack_records(buf, None, 10)
+    for bad in ((10**9,) + state[1:], (state[0], 10**9) + state[2:], state[:2], "x"):
+        with pytest.raises((ValueError, TypeError)):
+            _core.unpack_records(buf, bad, 10)
+    with pytest.raises(ValueError):
+        _core.unpack_records(buf, None, 0)
+    with pytest.raises(ValueError):
+        list(_serialize.iter_records(buf[:-3]))
+
+
+def test_packed_arguments_arrive_as_an_iterator():
+    # A chunk of records reaches the worker's map unpacked a part at a time; what the
+    # function sees is the same: each item, in order.
+    items = [("k", i) for i in range(3000)]
+    with Pool(2) as p:
+        assert p.map(kind_weight2, items, chunksize=1500) == [("k", i, 2 * i) for i in range(3000)]
+        assert p.starmap(pow, [(i, 2) for i in range(3000)], chunksize=1000) == \
+            [i * i for i in range(3000)]
+
+
+def kind_weight2(item):
+    kind, i = item
+    return (kind, i, 2 * i)

@@ -271,7 +271,7 @@ class LocalBackend:
         tid = next(self.tid)
         args = chunk.args
         if job.kind != APPLY and type(args) is not range:
-            args = wire.pack_numbers(args)  # a chunk the worker only iterates over
+            args = wire.pack_args(args)  # a chunk the worker only iterates over (once)
         payload = (fid, args, job.kind)
         try:
             parts = wire.encode(tid, payload)

@@ -32,6 +32,7 @@ same kind per field) or of strs as one packed buffer (:func:`pack_numbers`, code
 """
 from __future__ import annotations
 
+import itertools
 import pickle
 import struct
 
@@ -80,6 +81,45 @@ class _Records:
 
     def __reduce__(self):
         return _core.unpack_records, (pickle.PickleBuffer(self.data),)
+
+
+class _RecordsIter(_Records):
+    """The same for a chunk of arguments: unpickled as an iterator over the records, which
+    unpacks them a part at a time as the worker's function takes them."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return iter_records, (pickle.PickleBuffer(self.data),)
+
+
+def _record_parts(buf, _unpack=_core.unpack_records):
+    part = _tunables.RECORDS_PART
+    state = None
+    while True:
+        items, state = _unpack(buf, state, part)
+        yield items
+        if state is None:
+            return
+
+
+def iter_records(buf):
+    """An iterator over the records pack_records packed into ``buf`` (unpacked a part at a
+    time; a malformed buffer raises ValueError as it is reached)."""
+    return itertools.chain.from_iterable(_record_parts(buf))
+
+
+def pack_args(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
+    """As :func:`pack_numbers`, for a chunk of arguments the worker only iterates over once:
+    records unpickle as an iterator (see :class:`_RecordsIter`)."""
+    if len(seq) >= _tunables.PACK_MIN:
+        packed = _pack_numbers(seq)
+        if packed is not None:
+            return _Numbers(*packed)
+        packed = _pack_records(seq)
+        if packed is not None:
+            return _RecordsIter(packed)
+    return seq
 
 
 def pack_numbers(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
