@@ -262,6 +262,120 @@ rec_put(rec_buf *b, char kind, PyObject *o, PyObject *prev)
     }
 }
 
+/* The packer's state between items: a buffer being filled and the first item's layout. */
+typedef struct {
+    rec_buf b;
+    char kinds[PP_REC_MAX];
+    Py_ssize_t arity, nk, fixed, head, n;
+    PyObject *prev[PP_REC_MAX]; /* borrowed: the caller keeps the previous item alive */
+} rec_packer;
+
+/* Starts packing with `first` as the layout; 1 started, 0 not packable, -1 error. `hint`:
+ * items expected (room reserved for their fixed parts). */
+static int
+rec_start(rec_packer *pk, PyObject *first, Py_ssize_t hint)
+{
+    memset(pk, 0, sizeof(*pk));
+    pk->nk = 1;
+    if (PyTuple_CheckExact(first)) {
+        pk->arity = PyTuple_GET_SIZE(first);
+        if (pk->arity == 0 || pk->arity > PP_REC_MAX) {
+            return 0;
+        }
+        pk->nk = pk->arity;
+        for (Py_ssize_t j = 0; j < pk->arity; j++) {
+            pk->kinds[j] = rec_kind(PyTuple_GET_ITEM(first, j));
+            if (pk->kinds[j] == 0) {
+                return 0;
+            }
+        }
+    }
+    else {
+        pk->kinds[0] = rec_kind(first);
+        if (pk->kinds[0] != 's') { /* plain ints and floats: pack_numbers */
+            return 0;
+        }
+    }
+    for (Py_ssize_t j = 0; j < pk->nk; j++) {
+        char k = pk->kinds[j];
+        pk->fixed += k == 'q' || k == 'd' ? 8 : k == 'k' ? 1 : 5;
+    }
+    pk->head = (2 + pk->nk + 7) / 8 * 8 + 8;
+    if (hint < 1) {
+        hint = 1;
+    }
+    if (hint > (PY_SSIZE_T_MAX - pk->head) / pk->fixed - 1) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pk->b.cap = pk->head + hint * pk->fixed;
+    pk->b.bytes = PyBytes_FromStringAndSize(NULL, pk->b.cap);
+    if (pk->b.bytes == NULL) {
+        return -1;
+    }
+    pk->b.p = PyBytes_AS_STRING(pk->b.bytes);
+    memset(pk->b.p, 0, (size_t)pk->head);
+    pk->b.p[0] = 'R';
+    pk->b.p[1] = (char)pk->arity;
+    memcpy(pk->b.p + 2, pk->kinds, (size_t)pk->nk);
+    pk->b.len = pk->head;
+    return 1;
+}
+
+/* Appends one item; 1 done, 0 not of the layout (nothing written), -1 error. Room: every
+ * item's fixed part (5 bytes per str) is reserved before it is written, and a str reserves
+ * its code points beyond that, so nothing is written past cap. Runs no Python code. */
+static int
+rec_add(rec_packer *pk, PyObject *it)
+{
+    rec_buf *b = &pk->b;
+    if (b->len + pk->fixed > b->cap && rec_reserve(b, pk->fixed) < 0) {
+        return -1;
+    }
+    b->rest = pk->fixed;
+    Py_ssize_t mark = b->len;
+    int r = 1;
+    if (pk->arity == 0) {
+        r = rec_put(b, pk->kinds[0], it, pk->prev[0]);
+        if (r > 0) {
+            pk->prev[0] = it;
+        }
+    }
+    else {
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != pk->arity) {
+            return 0;
+        }
+        for (Py_ssize_t j = 0; j < pk->arity && r > 0; j++) {
+            r = rec_put(b, pk->kinds[j], PyTuple_GET_ITEM(it, j), pk->prev[j]);
+        }
+        if (r > 0) {
+            for (Py_ssize_t j = 0; j < pk->arity; j++) {
+                pk->prev[j] = PyTuple_GET_ITEM(it, j);
+            }
+        }
+    }
+    if (r <= 0) {
+        b->len = mark;
+        return r;
+    }
+    pk->n++;
+    return 1;
+}
+
+/* The packed bytes (the packer is spent). */
+static PyObject *
+rec_finish(rec_packer *pk)
+{
+    int64_t n64 = (int64_t)pk->n;
+    memcpy(pk->b.p + pk->head - 8, &n64, 8);
+    if (_PyBytes_Resize(&pk->b.bytes, pk->b.len) < 0) {
+        return NULL;
+    }
+    PyObject *out = pk->b.bytes;
+    pk->b.bytes = NULL;
+    return out;
+}
+
 /* pack_records(seq, /) -> bytes | None */
 static PyObject *
 pp_pack_records(PyObject *Py_UNUSED(module), PyObject *seq)
@@ -274,89 +388,100 @@ pp_pack_records(PyObject *Py_UNUSED(module), PyObject *seq)
     if (n == 0) {
         Py_RETURN_NONE;
     }
-    char kinds[PP_REC_MAX];
-    Py_ssize_t arity = 0, nk = 1;
-    if (PyTuple_CheckExact(items[0])) {
-        arity = PyTuple_GET_SIZE(items[0]);
-        if (arity == 0 || arity > PP_REC_MAX) {
-            Py_RETURN_NONE;
-        }
-        nk = arity;
-        for (Py_ssize_t j = 0; j < arity; j++) {
-            kinds[j] = rec_kind(PyTuple_GET_ITEM(items[0], j));
-            if (kinds[j] == 0) {
-                Py_RETURN_NONE;
-            }
-        }
+    rec_packer pk;
+    int r = rec_start(&pk, items[0], n);
+    if (r <= 0) {
+        return r < 0 ? NULL : Py_NewRef(Py_None);
     }
-    else {
-        kinds[0] = rec_kind(items[0]);
-        if (kinds[0] != 's') { /* plain ints and floats: pack_numbers */
-            Py_RETURN_NONE;
-        }
-    }
-    Py_ssize_t fixed = 0; /* bytes of an item without its strings' code points */
-    for (Py_ssize_t j = 0; j < nk; j++) {
-        fixed += kinds[j] == 'q' || kinds[j] == 'd' ? 8 : kinds[j] == 'k' ? 1 : 5;
-    }
-    Py_ssize_t head = (2 + nk + 7) / 8 * 8 + 8;
-    if (n > (PY_SSIZE_T_MAX - head) / fixed - 1) {
-        return PyErr_NoMemory();
-    }
-    rec_buf b = {NULL, NULL, 0, head + n * fixed, n * fixed};
-    b.bytes = PyBytes_FromStringAndSize(NULL, b.cap);
-    if (b.bytes == NULL) {
-        return NULL;
-    }
-    b.p = PyBytes_AS_STRING(b.bytes);
-    memset(b.p, 0, (size_t)head);
-    b.p[0] = 'R';
-    b.p[1] = (char)arity;
-    memcpy(b.p + 2, kinds, (size_t)nk);
-    int64_t n64 = (int64_t)n;
-    memcpy(b.p + head - 8, &n64, 8);
-    b.len = head;
-    /* Room: every item's fixed part is reserved up front (n * fixed, 5 bytes per str); a
-     * str reserves its code points beyond what the items still to write are owed (b.rest),
-     * so nothing is written past cap. Nothing here runs Python code or releases the GIL, so
-     * seq cannot change meanwhile. */
-    PyObject *prev[PP_REC_MAX] = {NULL};
+    /* Nothing here runs Python code or releases the GIL, so seq cannot change meanwhile
+     * (and its items keep the previous fields alive). */
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *it = items[i];
-        int r = 1;
-        b.rest = (n - i) * fixed;
-        if (arity == 0) {
-            r = rec_put(&b, kinds[0], it, prev[0]);
-            prev[0] = it;
-        }
-        else {
-            if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != arity) {
-                goto not_packable;
-            }
-            for (Py_ssize_t j = 0; j < arity; j++) {
-                PyObject *o = PyTuple_GET_ITEM(it, j);
-                r = rec_put(&b, kinds[j], o, prev[j]);
-                if (r <= 0) {
-                    break;
-                }
-                prev[j] = o;
-            }
-        }
-        if (r < 0) {
-            Py_DECREF(b.bytes);
-            return NULL;
-        }
-        if (r == 0) {
-            goto not_packable;
+        r = rec_add(&pk, items[i]);
+        if (r <= 0) {
+            Py_DECREF(pk.b.bytes);
+            return r < 0 ? NULL : Py_NewRef(Py_None);
         }
     }
-    if (_PyBytes_Resize(&b.bytes, b.len) < 0) {
+    return rec_finish(&pk);
+}
+
+/* pack_iter(iterable, /) -> bytes | list: the items, packed as they come when they are
+ * plain records (see pack_records) and else, from the first one that is not, a list of
+ * them all (the ones packed so far unpacked again: equal new tuples). */
+static PyObject *rec_unpack_all(PyObject *bytes);
+
+static PyObject *
+pp_pack_iter(PyObject *Py_UNUSED(module), PyObject *iterable)
+{
+    PyObject *it = PyObject_GetIter(iterable);
+    if (it == NULL) {
         return NULL;
     }
-    return b.bytes;
-not_packable:
-    Py_DECREF(b.bytes);
-    Py_RETURN_NONE;
+    PyObject *list = NULL, *prev = NULL, *y = NULL;
+    rec_packer pk;
+    pk.b.bytes = NULL;
+    int packing = 0;
+    y = PyIter_Next(it);
+    if (y != NULL) {
+        packing = rec_start(&pk, y, 1024);
+        if (packing < 0) {
+            goto error;
+        }
+    }
+    while (y != NULL) {
+        if (packing) {
+            int r = rec_add(&pk, y);
+            if (r < 0) {
+                goto error;
+            }
+            if (r > 0) {
+                Py_XSETREF(prev, y); /* keeps the fields the next item may share alive */
+                y = NULL;
+            }
+            else { /* not a record like the others: a list from here on */
+                PyObject *bytes = rec_finish(&pk);
+                if (bytes == NULL) {
+                    goto error;
+                }
+                list = rec_unpack_all(bytes);
+                Py_DECREF(bytes);
+                if (list == NULL) {
+                    goto error;
+                }
+                packing = 0;
+                Py_CLEAR(prev);
+            }
+        }
+        if (!packing) {
+            if (list == NULL && (list = PyList_New(0)) == NULL) {
+                goto error;
+            }
+            int r = PyList_Append(list, y);
+            Py_CLEAR(y);
+            if (r < 0) {
+                goto error;
+            }
+        }
+        y = PyIter_Next(it);
+    }
+    if (PyErr_Occurred()) {
+        goto error;
+    }
+    Py_DECREF(it);
+    Py_XDECREF(prev);
+    if (packing) {
+        return rec_finish(&pk);
+    }
+    return list != NULL ? list : PyList_New(0);
+error:
+    Py_DECREF(it);
+    Py_XDECREF(y);
+    Py_XDECREF(prev);
+    Py_XDECREF(list);
+    if (packing) {
+        Py_XDECREF(pk.b.bytes);
+    }
+    return NULL;
 }
 
 static PyObject *
@@ -508,6 +633,25 @@ fail:
     return NULL;
 }
 
+static PyObject *
+rec_unpack_all(PyObject *bytes)
+{
+    const char *src = PyBytes_AS_STRING(bytes);
+    Py_ssize_t end = PyBytes_GET_SIZE(bytes), arity, n, head;
+    char kinds[PP_REC_MAX];
+    if (rec_header(src, end, &arity, kinds, &n, &head) < 0) {
+        return NULL;
+    }
+    PyObject *prev[PP_REC_MAX] = {NULL};
+    Py_ssize_t pos = head;
+    PyObject *list = rec_items(src, end, arity, kinds, &pos, prev, n);
+    if (list != NULL && pos != end) {
+        Py_DECREF(list);
+        return rec_corrupt();
+    }
+    return list;
+}
+
 /* unpack_records(buffer, /) -> list
  * unpack_records(buffer, state, count, /) -> (list, state): the next `count` items at most;
  * state None to start, and None again once every item was read. */
@@ -620,6 +764,11 @@ PyMethodDef pp_codec_methods[] = {
      "bytes for a list or tuple of only exact tuples of one length whose fields keep one kind\n"
      "(exact int within int64, exact float, exact str, None/True/False), or of only exact\n"
      "strs; None for anything else."},
+    {"pack_iter", pp_pack_iter, METH_O,
+     "pack_iter($module, iterable, /)\n--\n\n"
+     "The items, packed as pack_records packs them (bytes) when they all are plain records of\n"
+     "one layout, else a list of them (those packed before the first other one unpacked\n"
+     "again: equal, new tuples)."},
     {"unpack_records", (PyCFunction)(void (*)(void))pp_unpack_records, METH_FASTCALL,
      "unpack_records($module, buffer, state=None, count=None, /)\n--\n\n"
      "The list that pack_records packed into buffer (its tuples are new tuples). With state\n"

@@ -262,3 +262,33 @@ def test_packed_arguments_arrive_as_an_iterator():
 def kind_weight2(item):
     kind, i = item
     return (kind, i, 2 * i)
+
+
+@pytest.mark.parametrize("seq", [
+    [("a", i, i * 0.5) for i in range(300)],
+    [f"w{i % 7}" for i in range(300)],
+    [("a", i) for i in range(100)] + [("a", 2**64)] + [("b", i) for i in range(50)],  # switch
+    [("a", 1), [1, 2]] + [("a", i) for i in range(100)],
+    [2**70] + [("a", 1)] * 10,
+    [1, 2, 3],                    # numbers: a list (pack_numbers takes those)
+    [],
+])
+def test_pack_iter_is_the_list_or_its_packing(seq):
+    got = _core.pack_iter(iter(seq))
+    if type(got) is bytes:
+        assert _core.unpack_records(got) == seq
+        assert _core.pack_records(seq) == got
+    else:
+        assert type(got) is list and same_deep(got, list(seq))
+
+
+def test_pack_iter_propagates_errors():
+    def gen():
+        yield ("a", 1)
+        yield ("a", 2)
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        _core.pack_iter(gen())
+    with pytest.raises(TypeError):
+        _core.pack_iter(5)

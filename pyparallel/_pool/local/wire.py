@@ -122,15 +122,17 @@ def pack_args(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_re
     return seq
 
 
-def pack_numbers(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
+def pack_numbers(seq, records=True, _pack_numbers=_core.pack_numbers,
+                 _pack_records=_core.pack_records):
     """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
-    exact floats, or of plain records (see codec.c), a stand-in that pickles it several times
-    faster. It unpickles as a list: use it only where a list is what the receiver needs."""
+    exact floats, or (``records``) of plain records (see codec.c), a stand-in that pickles it
+    several times faster. It unpickles as a list: use it only where a list is what the
+    receiver needs."""
     if len(seq) >= _tunables.PACK_MIN:
         packed = _pack_numbers(seq)
         if packed is not None:
             return _Numbers(*packed)
-        packed = _pack_records(seq)
+        packed = _pack_records(seq) if records else None
         if packed is not None:
             return _Records(packed)
     return seq

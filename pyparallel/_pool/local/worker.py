@@ -23,11 +23,15 @@ from . import spill, wire
 __all__ = ["main"]
 
 
-def _run(func, args, kind):
+def _run(func, args, kind, _pack_iter=_core.pack_iter):
+    """The task's value: for a map's chunk, its results packed as they come when they are
+    plain records (wire._Records), else their list."""
     if kind == wire.MAP:
-        return list(map(func, args))
+        value = _pack_iter(map(func, args))
+        return wire._Records(value) if type(value) is bytes else value
     if kind == wire.STARMAP:
-        return list(itertools.starmap(func, args))
+        value = _pack_iter(itertools.starmap(func, args))
+        return wire._Records(value) if type(value) is bytes else value
     if kind == wire.BULK:
         return func(list(args))
     a, kw = args
@@ -134,7 +138,7 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None, 
             del msg
             value = _run(funcs.get(fid), args, kind)
             if type(value) is list:  # a map's chunk of results, or a list from apply
-                value = wire.pack_numbers(value)
+                value = wire.pack_numbers(value, records=kind != wire.MAP and kind != wire.STARMAP)
             result = (True, value)
             value = None
         except BaseException as e:  # noqa: BLE001 - the task's failure, whatever it raised
