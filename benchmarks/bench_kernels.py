@@ -142,6 +142,16 @@ def main(argv=None):
         ("weighted_multiply_buffer", f"weighted_multiply_buffer({nbuf:_} float64)",
          lambda t: kernels.weighted_multiply_buffer(buf_a, buf_a, out=buf_out, threads=t)),
     ]
+    # weighted_multiply against the Python it replaces, one thread (the products of plain
+    # numbers; the comprehension's own result as the reference)
+    wm_lc, _ = median_time(lambda: [(k, n, n * wm_weights[k]) for k, n in wm_items], repeats)
+    wm_1, _ = median_time(lambda: kernels.weighted_multiply(wm_items, wm_weights), repeats)
+    rows.append(dict(kernel="weighted_multiply", variant="list comprehension (reference)",
+                     threads=1, seconds=wm_lc, speedup=1.0, efficiency=1.0, of_limit=None))
+    rows.append(dict(kernel="weighted_multiply",
+                     variant=f"weighted_multiply({len(wm_items):_} items) vs the comprehension",
+                     threads=1, seconds=wm_1, speedup=wm_lc / wm_1, efficiency=wm_lc / wm_1,
+                     of_limit=None))
     for name, label, fn in others:
         t1, _ = median_time(lambda: fn(1), repeats)
         for p in levels:

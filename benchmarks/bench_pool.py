@@ -4,16 +4,20 @@ joblib (loky) and mpire (when installed), serial as the reference, in one run.
 Workloads (2 workers by default, or --workers N):
   W1 tiny tasks     map(square, range(200_000)) on a warm pool          us per task
   W2 coarse CPU     naive Python fib over [30,29,28,27,26,25]*2, chunksize 1   speedup vs serial
-  W7 startup        create a pool, map a no-op over 2 items, close, join (fork, spawn);
-                    under fork also the floor: fork the workers, let them exit, reap them
+  W3 tuples         map(f, items) over 2,000,000 ("type1", i) tuples, f returning
+                    (kind, i, i * w[kind]) (default chunksize)                  us per item
+  W7 startup        create a pool, map a no-op over 2 items, close, join (fork, forkserver,
+                    spawn); under fork also the floor: fork the workers, let them exit, reap
+                    them
   W8 latency        1,000 sequential apply_async(noop).get() on a warm pool  us per round trip
   W5 big arguments  32 numpy arrays of 4 MiB, the task returns the sum (chunksize 1)  GB/s
+  W6 big results    32 tasks, each returning a 4 MiB float64 array (chunksize 1)   GB/s
 
 Method: the libraries take turns within each repeat (so a drift of the machine's speed is
 shared by all), each turn on a fresh pool made and warmed up outside the timed region (except
 in W7, which times exactly that) and closed after it, so one library's workers run at a time;
 W1, W8 and W5 run their work once untimed first (a pool in use: its buffers and caches warm).
-5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 spawn: 3); the median is reported with the
+5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 forkserver and spawn: 3); the median is reported with the
 spread (min-max); "vs mp" is the median divided by multiprocessing.Pool's median from the
 same run (lower is better). Caveat: on a machine shared with other work, timings are noisy;
 compare ratios from one run, not absolute times across runs.
@@ -65,6 +69,18 @@ def array_sum(a):
     return float(a.sum())
 
 
+W3_WEIGHTS = {"type1": 3, "type2": 5}
+
+
+def kind_weight(item):
+    kind, i = item
+    return (kind, i, i * W3_WEIGHTS[kind])
+
+
+def big_array(i):
+    return np.full(1 << 19, i, dtype=np.float64)  # 4 MiB
+
+
 FIB_INPUTS = [30, 29, 28, 27, 26, 25] * 2
 
 
@@ -77,7 +93,7 @@ def _stdlib_chunksize(n, workers):
 
 
 class Lib:
-    def __init__(self, name, make, map_, rt, close, methods=("fork", "spawn")):
+    def __init__(self, name, make, map_, rt, close, methods=("fork", "forkserver", "spawn")):
         self.name, self.make, self.map, self.rt, self.close = name, make, map_, rt, close
         self.methods = methods
 
@@ -146,7 +162,7 @@ def _warm(lib, method="fork"):
     return p
 
 
-WORKLOADS = ("W1", "W2", "W7", "W8", "W5")
+WORKLOADS = ("W1", "W2", "W3", "W7", "W8", "W5", "W6")
 
 
 def run(workers, quick, only=WORKLOADS, repeats=None):
@@ -157,7 +173,7 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
     def record(workload, lib, ts, metric, unit):
         rows.append({"workload": workload, "library": lib, "median_s": statistics.median(ts),
                      "min_s": min(ts), "max_s": max(ts), "metric": metric, "unit": unit})
-        print(f"  {workload:<16} {lib:<20} {statistics.median(ts):9.4f} s  {metric:10.3f} {unit}",
+        print(f"  {workload:<21} {lib:<20} {statistics.median(ts):9.4f} s  {metric:10.3f} {unit}",
               file=sys.stderr, flush=True)
 
     repeats_override = repeats
@@ -198,8 +214,21 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
         measure("W2 coarse CPU", cases, 1 if quick else 3, lambda t, m: m["serial"] / t,
                 "x serial", rehearse=False)
 
+    if "W3" in only:  # everyday objects: tuples in, tuples out
+        n3 = 200_000 if quick else 2_000_000
+        items = [("type1", i) for i in range(n3)]
+        cases = [("serial", None, lambda _: [kind_weight(x) for x in items])]
+        # (mpire calls f(*item) for a tuple item: it gets each tuple wrapped in a 1-tuple)
+        wrapped = [(x,) for x in items] if mpire is not None else None
+        cases += [(lib.name, lib, lambda p, lib=lib: lib.map(
+            p, kind_weight, wrapped if lib.name == "mpire" else items, None)) for lib in libs]
+        # (not rehearsed: a pool's steady state is reached within the call's first chunks,
+        # and a rehearsal would double the run of the slow peers)
+        measure("W3 tuples", cases, reps, lambda t, m: t / n3 * 1e6, "us/item", rehearse=False)
+        del items, wrapped
+
     if "W7" in only:  # start-up
-        for method in ("fork", "spawn"):
+        for method in ("fork", "forkserver", "spawn"):
             cases = []
             for lib in libs:
                 if method not in lib.methods and not (method == "spawn" and lib.methods == ("loky",)):
@@ -227,6 +256,14 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
 
         cases = [(lib.name, lib, lambda p, lib=lib: roundtrips(p, lib)) for lib in libs]
         measure("W8 latency", cases, reps, lambda t, m: t / n8 * 1e6, "us/call")
+
+    if "W6" in only and np is not None:  # big results
+        n6 = 8 if quick else 32
+        moved6 = n6 * (4 << 20)
+        cases = [("serial", None, lambda _: [big_array(i) for i in range(n6)])]
+        cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, big_array, range(n6), 1))
+                  for lib in libs]
+        measure("W6 big results", cases, reps, lambda t, m: moved6 / t / 1e9, "GB/s")
 
     if "W5" in only and np is not None:  # big arguments
         n5 = 8 if quick else 32
@@ -270,12 +307,12 @@ def main(argv=None):
     print(f"\nbench_pool: Python {platform.python_version()}, {os.cpu_count()} CPUs "
           f"(usable: {pyparallel.cpu_count()}), {args.workers} workers"
           f"{', quick' if args.quick else ''}; median of repeats, spread = min-max")
-    print(f"{'workload':<18}{'library':<21}{'median':>10}{'spread':>20}{'metric':>12} "
+    print(f"{'workload':<22}{'library':<21}{'median':>10}{'spread':>20}{'metric':>12} "
           f"{'unit':<9}{'vs mp':>7}")
     for r in rows:
         vs = f"{r['vs_mp']:.2f}x" if r["vs_mp"] is not None else ""
         spread = f"{r['min_s']:.4f}-{r['max_s']:.4f}"
-        print(f"{r['workload']:<18}{r['library']:<21}{r['median_s']:>9.4f}s{spread:>20}"
+        print(f"{r['workload']:<22}{r['library']:<21}{r['median_s']:>9.4f}s{spread:>20}"
               f"{r['metric']:>12.3f} {r['unit']:<9}{vs:>7}")
     if args.json:
         with open(args.json, "w") as f:

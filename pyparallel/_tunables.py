@@ -42,8 +42,20 @@ SPILL_ROUND = 1 << 20
 SPILL_KEEP_BYTES = 256 << 20
 #: a worker keeps this many spill segments mapped, at most
 SPILL_CACHE_MAX = 16
+#: a result whose out-of-band buffers (numpy arrays, ...) add up to this much goes through a
+#: shared segment of the worker's that the parent maps and keeps: the parent's arrays are
+#: views of it (one copy in all, instead of one into the ring and one out of it)
+RESULT_SPILL_MIN = 1 << 20
+#: the parent keeps at most this many such segments alive (each holds a file descriptor);
+#: beyond that, results come through the ring again until some are freed
+RESULT_SEGMENTS_MAX = 512
+#: a worker holds at most this many result segments the parent has not mapped yet
+RESULT_SEGMENTS_HELD = 64
 #: lists of plain numbers at least this long travel packed (codec.c)
 PACK_MIN = 64
+#: a worker unpacks a chunk of packed records this many at a time as its function takes them
+#: (the argument tuples are freed as it goes: their memory is reused, not faulted in anew)
+RECORDS_PART = 512
 
 # ---- functions ----
 #: a function whose by-value pickle (with the globals it must carry) is bigger than this

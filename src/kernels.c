@@ -603,11 +603,13 @@ pp_num_of(PyObject *o)
     if (PyLong_CheckExact(o) || PyBool_Check(o)) {
         int overflow = 0;
         long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
-        if (!overflow && !(v == -1 && PyErr_Occurred())) {
+        if (v == -1 && PyErr_Occurred()) { /* not for an int or a bool, but be safe */
+            PyErr_Clear();
+        }
+        else if (!overflow) {
             r.kind = PP_NUM_I64;
             r.v.i = v;
         }
-        PyErr_Clear();
     }
     else if (PyFloat_CheckExact(o)) {
         r.kind = PP_NUM_F64;
@@ -812,69 +814,229 @@ pp_unpack2(PyObject *o, PyObject **a, PyObject **b)
     return 0;
 }
 
-/* Shared by the scalar call (threads == 1) and .map(). */
+/* weights[kind] for kinds seen in the current block, by identity: a weights dict that is
+ * exact and whose keys are all exact strs or ints gives the same value for the same kind
+ * object as long as no Python code runs, and none runs inside a block's conversion pass
+ * (such a lookup runs no Python code itself). Kept small: the usual weights have a few
+ * kinds, and the items of a list share their kind objects. */
+#define PP_WM_CACHE 8
+
+typedef struct {
+    PyObject *kind;   /* borrowed: alive for the block (the snapshot or the block holds it) */
+    PyObject *weight; /* owned */
+    pp_num num;
+} pp_wm_entry;
+
+static int
+pp_wm_cacheable(PyObject *weights)
+{
+    if (!PyDict_CheckExact(weights) || PyDict_GET_SIZE(weights) > 64) {
+        return 0;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(weights, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(k) && !PyLong_CheckExact(k)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Python code may have run: the cache is no longer valid; its weights stay alive (owned by
+ * the block) until the block is built. */
+#define PP_WM_FORGET()                                                                             \
+    do {                                                                                           \
+        for (int c_ = 0; c_ < ncache; c_++) {                                                      \
+            py_owned[nowned++] = cache[c_].weight;                                                 \
+        }                                                                                          \
+        ncache = 0;                                                                                \
+    } while (0)
+
+static inline int
+pp_atomic_exact(PyObject *o)
+{
+    return PyLong_CheckExact(o) || PyFloat_CheckExact(o) || PyUnicode_CheckExact(o);
+}
+
+/* Shared by the scalar call (threads == 1) and .map(). The items go by blocks: convert
+ * (GIL held: unpack, weights[kind], fast forms), multiply, build the result tuples. Per item the order of Python-visible steps
+ * is the list comprehension's within a block (lookups, then products), and errors are its
+ * errors, raised at the same item. */
 static PyObject *
 pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int threads,
                      PyObject *token)
 {
+    if (token != NULL && atomic_load(pp_token_flag(token))) {
+        return pp_raise_cancelled(module); /* before any work */
+    }
     PyObject *py_seq = pp_fast_items(items, "weighted_multiply()");
     if (py_seq == NULL) {
         return NULL;
     }
-    PyObject *py_list = NULL;
-    Py_ssize_t n = PyTuple_GET_SIZE(py_seq), done = 0;
-    size_t cap = (size_t)(n > 0 ? n : 1);
-    /* Per item: kind, number, weight (new references), their fast forms, the product. */
-    PyObject **py_objs = PyMem_Calloc(cap * 3, sizeof(PyObject *));
+    Py_ssize_t n = PyTuple_GET_SIZE(py_seq);
+    /* .map's threads: the products are the only part that could run without the GIL, and
+     * they take about 1% of the call (measured: benchmarks/bench_kernels.py); waking a team
+     * for them per block costs more than it saves, so every block runs on the caller. */
+    (void)threads;
+    Py_ssize_t block = PP_TUNE_WM_BLOCK;
+    size_t cap = (size_t)(n < block ? (n > 0 ? n : 1) : block);
+    int cacheable = pp_wm_cacheable(weights);
+    pp_wm_entry cache[PP_WM_CACHE];
+    int ncache = 0;
+    Py_ssize_t nowned = 0;
+    /* Per item of a block: kind, number, weight (borrowed), their fast forms, the product;
+     * `owned`: the references the block took (unpacked non-tuples, uncached weights). */
+    PyObject **py_refs = PyMem_Malloc(cap * 3 * sizeof(PyObject *));
+    PyObject **py_owned = PyMem_Malloc(cap * 3 * sizeof(PyObject *));
+    PyObject **py_prods = PyMem_Calloc(cap, sizeof(PyObject *)); /* products made by Python */
     pp_num *num = PyMem_Malloc(sizeof(pp_num) * cap);
     pp_num *wt = PyMem_Malloc(sizeof(pp_num) * cap);
     pp_num *out = PyMem_Malloc(sizeof(pp_num) * cap);
     unsigned char *ok = PyMem_Malloc(cap);
-    if (py_objs == NULL || num == NULL || wt == NULL || out == NULL || ok == NULL) {
+    PyObject *py_list = NULL;
+    if (py_refs == NULL || py_owned == NULL || py_prods == NULL || num == NULL || wt == NULL ||
+        out == NULL || ok == NULL) {
         PyErr_NoMemory();
-        goto error;
-    }
-    for (; done < n; done++) {
-        PyObject **slot = &py_objs[3 * done];
-        /* borrowed from the tuple, which keeps it while weights[kind] runs Python code */
-        if (pp_unpack2(PyTuple_GET_ITEM(py_seq, done), &slot[0], &slot[1]) < 0) {
-            goto error;
-        }
-        slot[2] = PyObject_GetItem(weights, slot[0]); /* KeyError for an unknown kind */
-        if (slot[2] == NULL || pp_convert_check(module, token, done) < 0) {
-            done++; /* slot[0..2] are owned: clear them below */
-            goto error;
-        }
-        num[done] = pp_num_of(slot[1]);
-        wt[done] = pp_num_of(slot[2]);
-    }
-    pp_mul_job job = {.a = num, .b = wt, .out = out, .ok = ok};
-    if (pp_mul_run(module, &job, n, threads, token) < 0) {
         goto error;
     }
     py_list = PyList_New(n);
     if (py_list == NULL) {
         goto error;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject **slot = &py_objs[3 * i];
-        PyObject *py_prod = ok[i] ? pp_num_to_object(out[i]) : PyNumber_Multiply(slot[1], slot[2]);
-        PyObject *py_t = py_prod ? PyTuple_Pack(3, slot[0], slot[1], py_prod) : NULL;
-        Py_XDECREF(py_prod);
-        if (py_t == NULL || pp_convert_check(module, token, i) < 0) {
-            Py_XDECREF(py_t);
-            Py_CLEAR(py_list);
+    /* Neither the snapshot nor the list being filled can be part of a cycle while this
+     * runs (no Python code sees them): untracked meanwhile, the cycle collector's passes
+     * (one per 700 objects made) do not walk their items again and again. */
+    if (py_seq != items) { /* our own copy (a tuple given is used as it is: leave it) */
+        PyObject_GC_UnTrack(py_seq);
+    }
+    PyObject_GC_UnTrack(py_list);
+    for (Py_ssize_t lo = 0; lo < n; lo += block) {
+        Py_ssize_t bn = n - lo < block ? n - lo : block;
+        for (Py_ssize_t j = 0; j < bn; j++) {
+            Py_ssize_t i = lo + j;
+            PyObject *it = PyTuple_GET_ITEM(py_seq, i), *kind, *number, *weight = NULL;
+            if (PyTuple_CheckExact(it) && PyTuple_GET_SIZE(it) == 2) {
+                kind = PyTuple_GET_ITEM(it, 0); /* the snapshot keeps the tuple, which keeps them */
+                number = PyTuple_GET_ITEM(it, 1);
+            }
+            else {
+                int r = pp_unpack2(it, &kind, &number);
+                PP_WM_FORGET(); /* iterating it may have run Python code */
+                if (r < 0) {
+                    goto error;
+                }
+                py_owned[nowned++] = kind;
+                py_owned[nowned++] = number;
+            }
+            pp_num wnum;
+            if (cacheable && (PyUnicode_CheckExact(kind) || PyLong_CheckExact(kind))) {
+                for (int c = 0; c < ncache; c++) {
+                    if (cache[c].kind == kind) {
+                        weight = cache[c].weight;
+                        wnum = cache[c].num;
+                        break;
+                    }
+                }
+            }
+            if (weight == NULL) {
+                int pure = cacheable && (PyUnicode_CheckExact(kind) || PyLong_CheckExact(kind));
+                if (!pure) {
+                    PP_WM_FORGET(); /* the lookup may run Python code (hash, eq, getitem) */
+                }
+                weight = PyObject_GetItem(weights, kind); /* KeyError for an unknown kind */
+                if (weight == NULL) {
+                    goto error;
+                }
+                wnum = pp_num_of(weight);
+                if (pure && ncache < PP_WM_CACHE) {
+                    cache[ncache++] = (pp_wm_entry){kind, weight, wnum};
+                }
+                else {
+                    py_owned[nowned++] = weight;
+                }
+            }
+            py_refs[3 * j] = kind;
+            py_refs[3 * j + 1] = number;
+            py_refs[3 * j + 2] = weight;
+            num[j] = pp_num_of(number);
+            wt[j] = wnum;
+            if (num[j].kind == PP_NUM_OBJ || wnum.kind == PP_NUM_OBJ) {
+                /* Python computes this product (its __mul__ may run code that changes the
+                 * weights): now, in the list comprehension's order */
+                PP_WM_FORGET();
+                py_prods[j] = PyNumber_Multiply(number, weight);
+                if (py_prods[j] == NULL) {
+                    goto error;
+                }
+                num[j].kind = PP_NUM_OBJ; /* not multiplied again below */
+            }
+        }
+        /* A signal handler (or, in .map, another thread while the GIL is released) may run
+         * Python code from here on: the cache is valid no longer. Its weights stay alive
+         * (owned) until the block is built. */
+        PP_WM_FORGET();
+        if (pp_convert_check(module, token, lo + bn - 1) < 0) {
             goto error;
         }
-        PyList_SET_ITEM(py_list, i, py_t); /* steals py_t */
-    }
-error:
-    if (py_objs != NULL) {
-        for (Py_ssize_t i = 0; i < 3 * done; i++) {
-            Py_XDECREF(py_objs[i]);
+        pp_mul_job job = {.a = num, .b = wt, .out = out, .ok = ok};
+        pp_mul_range(&job, 0, bn);
+        for (Py_ssize_t j = 0; j < bn; j++) {
+            PyObject *kind = py_refs[3 * j], *number = py_refs[3 * j + 1];
+            PyObject *py_prod;
+            if (ok[j]) {
+                py_prod = pp_num_to_object(out[j]);
+            }
+            else if (py_prods[j] != NULL) {
+                py_prod = py_prods[j];
+                py_prods[j] = NULL;
+            }
+            else { /* int64 overflow: Python's int product (no Python code: exact ints) */
+                py_prod = PyNumber_Multiply(number, py_refs[3 * j + 2]);
+            }
+            if (py_prod == NULL) {
+                goto error;
+            }
+            PyObject *py_t = PyTuple_New(3);
+            if (py_t == NULL) {
+                Py_DECREF(py_prod);
+                goto error;
+            }
+            PyTuple_SET_ITEM(py_t, 0, Py_NewRef(kind));
+            PyTuple_SET_ITEM(py_t, 1, Py_NewRef(number));
+            PyTuple_SET_ITEM(py_t, 2, py_prod);
+            if (pp_atomic_exact(kind) && pp_atomic_exact(number) && pp_atomic_exact(py_prod)) {
+                /* holds nothing the cycle collector tracks: untracked now, as the collector
+                 * itself would at its first pass over it */
+                PyObject_GC_UnTrack(py_t);
+            }
+            PyList_SET_ITEM(py_list, lo + j, py_t); /* steals py_t */
+        }
+        for (Py_ssize_t k = 0; k < nowned; k++) {
+            Py_DECREF(py_owned[k]);
+        }
+        nowned = 0;
+        if (pp_convert_check(module, token, lo + bn - 1) < 0) {
+            goto error;
         }
     }
-    PyMem_Free(py_objs);
+    PyObject_GC_Track(py_list);
+    goto done;
+error:
+    Py_CLEAR(py_list);
+    for (size_t j = 0; py_prods != NULL && j < cap; j++) {
+        Py_XDECREF(py_prods[j]);
+    }
+    for (int c = 0; c < ncache; c++) {
+        Py_DECREF(cache[c].weight);
+    }
+    for (Py_ssize_t k = 0; k < nowned; k++) {
+        Py_DECREF(py_owned[k]);
+    }
+done:
+    PyMem_Free(py_refs);
+    PyMem_Free(py_owned);
+    PyMem_Free(py_prods);
     PyMem_Free(num);
     PyMem_Free(wt);
     PyMem_Free(out);

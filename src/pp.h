@@ -51,6 +51,9 @@ typedef enum {
  * below which they run with the GIL held. */
 #define PP_TUNE_MUL_CHUNK 65536
 #define PP_TUNE_MUL_RELEASE 65536
+/* weighted_multiply converts, multiplies and builds this many items at a time (its scratch
+ * stays in cache and is reused instead of faulting in memory for every item of a big list). */
+#define PP_TUNE_WM_BLOCK 8192
 #define PP_TUNE_BUF_CHUNK 65536
 #define PP_TUNE_BUF_RELEASE 32768
 /* channel.c, shm.c */

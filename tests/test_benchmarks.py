@@ -25,6 +25,7 @@ def test_bench_kernels_quick(tmp_path):
     assert any("machine limit" in r["variant"] for r in data["rows"])
     assert all(r["seconds"] is None or r["seconds"] > 0 for r in data["rows"])
     assert "of limit" in stdout
+    assert any(r["variant"] == "list comprehension (reference)" for r in data["rows"])
 
 
 def test_bench_shared_quick(tmp_path):
@@ -38,8 +39,9 @@ def test_bench_shared_quick(tmp_path):
 def test_bench_pool_quick(tmp_path):
     stdout, data = run_bench("bench_pool.py", tmp_path, 300)
     seen = {(r["workload"], r["library"]) for r in data["rows"]}
-    for w in ("W1 tiny tasks", "W2 coarse CPU", "W7 startup fork", "W7 startup spawn",
-              "W8 latency", "W5 big arguments"):
+    for w in ("W1 tiny tasks", "W2 coarse CPU", "W3 tuples", "W7 startup fork",
+              "W7 startup forkserver", "W7 startup spawn", "W8 latency", "W5 big arguments",
+              "W6 big results"):
         assert (w, "pyparallel") in seen and (w, "multiprocessing") in seen
     assert ("W7 startup fork", "bare os.fork+exit") in seen
     mp_rows = [r for r in data["rows"] if r["library"] == "multiprocessing"]

@@ -100,3 +100,195 @@ def test_pool_results_keep_their_types():
         assert same(p.map(ident, floats), floats)
         assert same(p.apply(list, (range(1000),)), list(range(1000)))
         assert p.apply(tuple, (range(1000),)) == tuple(range(1000))  # a tuple stays a tuple
+
+
+# ---- records: lists of plain tuples (or strs) packed in one buffer ----
+
+def rec_roundtrip(seq):
+    packed = _serialize.pack_numbers(seq)
+    parts = _serialize.encode(7, packed)
+    return packed, _serialize.decode(bytearray(b"".join(bytes(memoryview(p)) for p in parts)))[1]
+
+
+def same_deep(a, b):
+    """Equal with the same types all the way down (floats bit for bit)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_deep(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)
+    return a == b
+
+
+field = st.one_of(st.integers(min_value=-(2**63), max_value=2**63 - 1), st.floats(),
+                  st.text(), st.none(), st.booleans())
+fields = st.one_of(field, st.integers(), st.binary(), st.tuples(st.integers()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(
+    st.lists(st.tuples(field, field, field), min_size=64, max_size=100),
+    st.lists(st.tuples(fields, fields), min_size=64, max_size=100),
+    st.lists(st.text(), min_size=64, max_size=100),
+    st.lists(st.one_of(st.text(), st.tuples(field)), min_size=64, max_size=100),
+))
+def test_records_roundtrip_matches_pickle(seq):
+    expected = pickle.loads(pickle.dumps(seq, 5))
+    _, got = rec_roundtrip(seq)
+    assert same_deep(got, expected)
+    seq = tuple(seq)
+    packed, got = rec_roundtrip(tuple(seq))
+    # a packed tuple comes back as a list (the receiver only iterates over it)
+    assert same_deep(got, expected if packed is not seq else tuple(expected))
+
+
+@pytest.mark.parametrize("seq", [
+    [("type1", i) for i in range(100)],
+    [("type1", i, i * 3.5, None, True, False) for i in range(100)],
+    [(f"name{i}", "\udc80 lone surrogate", "日本", "\U0001f600", "") for i in range(100)],
+    ["word"] * 50 + ["other", "\xe9t\xe9"] * 25,
+    [(2**63 - 1, -(2**63))] * 100,
+])
+def test_records_packed_when_plain(seq):
+    packed, got = rec_roundtrip(seq)
+    assert isinstance(packed, _serialize._Records)
+    assert same_deep(got, list(seq))
+
+
+class Tag(str):
+    pass
+
+
+@pytest.mark.parametrize("seq", [
+    [("a", i) for i in range(99)] + [("a", 2**63)],      # past int64
+    [("a", i) for i in range(99)] + [("a", 1.0)],        # a field changes kind
+    [("a", i) for i in range(99)] + [("a", 1, 1)],       # another length
+    [("a", i) for i in range(99)] + [["a", 1]],          # a list among the tuples
+    [(Tag("a"), i) for i in range(100)],                 # a str subclass
+    [(Color.RED, 1)] * 100,                              # an int subclass
+    [("a", (1, 2))] * 100,                               # nested
+    [()] * 100,
+    [tuple(range(33))] * 100,                            # longer than the codec takes
+    [("a", i) for i in range(10)],                       # short: pickle is as fast
+])
+def test_records_not_packed_otherwise(seq):
+    packed, got = rec_roundtrip(seq)
+    assert packed is seq
+    assert same_deep(got, list(seq))
+
+
+def test_records_share_repeated_fields():
+    seq = [("type1", i) for i in range(100)]
+    got = _core.unpack_records(_core.pack_records(seq))
+    assert got == seq and len({id(t[0]) for t in got}) == 1
+
+
+def test_records_runs_no_python_code():
+    class Evil(int):
+        def __index__(self):
+            raise AssertionError("pack_records ran Python code")
+
+        __int__ = __index__
+
+    assert _core.pack_records([("a", 1), ("a", Evil(2))]) is None
+
+
+def test_unpack_records_rejects_bad_input():
+    good = _core.pack_records([("ab", 1), ("ab", 2), ("cd", 3)])
+    for bad in (b"", b"R", good[:-1], good + b"\0", b"X" + good[1:],
+                good[:2] + b"z" + good[3:], good[:8] + b"\xff" * 8 + good[16:]):
+        with pytest.raises(ValueError):
+            _core.unpack_records(bad)
+    with pytest.raises(TypeError):
+        _core.unpack_records(5)
+    assert _core.pack_records([]) is None and _core.pack_records("abc") is None
+
+
+def kind_weight(item):
+    kind, i = item
+    return (kind, i, i * {"type1": 3}[kind])
+
+
+def test_pool_records_both_ways():
+    items = [("type1", i) for i in range(5000)]
+    with Pool(2) as p:
+        got = p.map(kind_weight, items)
+        assert got == [kind_weight(x) for x in items]
+        assert all(type(t) is tuple for t in got)
+        assert p.starmap(max, [(i, -i) for i in range(1000)]) == list(range(1000))
+        words = [f"w{i}" for i in range(1000)]
+        assert p.map(str.upper, words) == [w.upper() for w in words]
+
+
+def test_records_unpack_in_parts_matches_whole():
+    seq = [("same", i, "x" if i % 3 else f"v{i}") for i in range(2000)]
+    buf = _core.pack_records(seq)
+    for part in (1, 7, 512, 1999, 2000, 5000):
+        got, state = [], None
+        while True:
+            items, state = _core.unpack_records(buf, state, part)
+            got.extend(items)
+            if state is None:
+                break
+        assert got == seq
+    assert list(_serialize.iter_records(buf)) == seq
+    words = ["a", "a", "b"] * 100
+    assert list(_serialize.iter_records(_core.pack_records(words))) == words
+
+
+def test_records_parts_reject_bad_state():
+    buf = _core.pack_records([("a", i) for i in range(100)])
+    _, state = _core.unpack_records(buf, None, 10)
+    for bad in ((10**9,) + state[1:], (state[0], 10**9) + state[2:], state[:2], "x"):
+        with pytest.raises((ValueError, TypeError)):
+            _core.unpack_records(buf, bad, 10)
+    with pytest.raises(ValueError):
+        _core.unpack_records(buf, None, 0)
+    with pytest.raises(ValueError):
+        list(_serialize.iter_records(buf[:-3]))
+
+
+def test_packed_arguments_arrive_as_an_iterator():
+    # A chunk of records reaches the worker's map unpacked a part at a time; what the
+    # function sees is the same: each item, in order.
+    items = [("k", i) for i in range(3000)]
+    with Pool(2) as p:
+        assert p.map(kind_weight2, items, chunksize=1500) == [("k", i, 2 * i) for i in range(3000)]
+        assert p.starmap(pow, [(i, 2) for i in range(3000)], chunksize=1000) == \
+            [i * i for i in range(3000)]
+
+
+def kind_weight2(item):
+    kind, i = item
+    return (kind, i, 2 * i)
+
+
+@pytest.mark.parametrize("seq", [
+    [("a", i, i * 0.5) for i in range(300)],
+    [f"w{i % 7}" for i in range(300)],
+    [("a", i) for i in range(100)] + [("a", 2**64)] + [("b", i) for i in range(50)],  # switch
+    [("a", 1), [1, 2]] + [("a", i) for i in range(100)],
+    [2**70] + [("a", 1)] * 10,
+    [1, 2, 3],                    # numbers: a list (pack_numbers takes those)
+    [],
+])
+def test_pack_iter_is_the_list_or_its_packing(seq):
+    got = _core.pack_iter(iter(seq))
+    if type(got) is bytes:
+        assert _core.unpack_records(got) == seq
+        assert _core.pack_records(seq) == got
+    else:
+        assert type(got) is list and same_deep(got, list(seq))
+
+
+def test_pack_iter_propagates_errors():
+    def gen():
+        yield ("a", 1)
+        yield ("a", 2)
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        _core.pack_iter(gen())
+    with pytest.raises(TypeError):
+        _core.pack_iter(5)

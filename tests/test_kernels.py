@@ -497,3 +497,59 @@ def test_weighted_multiply_buffer_in_place_and_both_inputs():
     weighted_multiply_buffer(b[2:], b[:-2], out=b[1:-1])  # out overlaps both, differently
     np.multiply(ref[2:], ref[:-2], out=ref[1:-1])
     assert np.array_equal(b, ref)
+
+
+# ---- weighted_multiply: its fast paths give the list comprehension's results ----
+
+def test_weighted_multiply_many_kinds_and_int_keys():
+    items = [(f"k{i % 23}", i) for i in range(50_000)] + [(i % 5, i) for i in range(20_000)]
+    weights = {f"k{j}": j * 1.5 for j in range(23)}
+    weights.update({j: j - 2 for j in range(5)})
+    got = weighted_multiply(items, weights)
+    assert got == ref_weighted_multiply(items, weights)
+    assert weighted_multiply.map(items, weights, threads=2) == got
+    assert all(type(t) is tuple and len(t) == 3 for t in got)
+
+
+def test_weighted_multiply_looks_up_a_mapping_per_item():
+    class Counting(dict):
+        calls = 0
+
+        def __getitem__(self, k):
+            Counting.calls += 1
+            return dict.__getitem__(self, k) + Counting.calls
+
+    items = [("a", 1)] * 20_000
+    got = weighted_multiply(items, Counting(a=0))
+    assert Counting.calls == 20_000 and got[-1] == ("a", 1, 20_000)
+
+
+def test_weighted_multiply_products_in_list_comprehension_order():
+    # A number whose __mul__ changes the weights: later items see the new weights, as in
+    # the comprehension, even within one block of the kernel's.
+    weights = {"a": 2, "b": 3}
+
+    class Bump:
+        def __mul__(self, w):
+            weights["a"] = 100
+            return w
+
+    items = [("a", 1), ("a", 2), ("b", Bump()), ("a", 3), ("a", 4)] * 3
+    expected = ref_weighted_multiply(items, weights)
+    weights.update(a=2, b=3)
+    got = weighted_multiply(items, weights)
+    assert [t[2] for t in got] == [t[2] for t in expected] == [2, 4, 3, 300, 400] + [100, 200, 3, 300, 400] * 2
+
+
+def test_weighted_multiply_result_is_collectable():
+    import gc
+
+    items = [("a", [])] * 3  # lists: the result tuples hold containers and stay tracked
+    got = weighted_multiply(items, {"a": 2})
+    assert got == [("a", [], [])] * 3 and gc.is_tracked(got) and gc.is_tracked(got[0])
+    plain = weighted_multiply([("a", 1)] * 10, {"a": 2})
+    assert gc.is_tracked(plain) and not gc.is_tracked(plain[0])  # as the collector would leave it
+    t = (("a", []),)  # a tuple given is used as it is, and left tracked
+    assert gc.is_tracked(t)
+    weighted_multiply(t, {"a": 2})
+    assert gc.is_tracked(t)

@@ -73,6 +73,7 @@ class _Task:
     seg: Any = None  # the spill segment its buffers went through
     budget: float | None = None  # seconds it may run (task_timeout times its items)
     label: str = ""  # what it runs, for the timeout's message
+    seq: int = 0  # its number among the tasks sent to its slot (its claim word: seq % CLAIMS)
 
 
 @dataclass(slots=True, eq=False)
@@ -88,10 +89,18 @@ class _Slot:
     head_since: float = 0.0  # when the oldest task it holds started running (about)
     timed_out: int | None = None  # the task it was killed for running too long
     leaving: bool = False  # it was asked to leave
+    seq: int = 0  # tasks dispatched to the slot, ever (numbers their claim words)
+    stale: collections.deque = field(default_factory=collections.deque)  # stolen, maybe unread
+    gen: int = 0  # workers started for the slot (tags its result segments' words)
 
 
 class _Retry(Exception):
     pass
+
+
+#: claim words per slot (see wire: a task's claim); more than a slot ever has unread
+CLAIMS = 64
+QUEUED, TAKEN, STOLEN = 0, 1, 2
 
 
 def _check_resources(processes):
@@ -142,6 +151,16 @@ class LocalBackend:
                                 _tunables.RESULT_RING_BYTES)
         self.lock = threading.Lock()
         self.slots = [_Slot(i) for i in range(processes)]
+        # The tasks' claim words (stealing a queued task back for an idle worker)
+        # (then one word: 1 while big results may come in segments of the workers'; then the
+        # words of those segments, RESULT_SEGMENTS_HELD per slot: see spill.ResultSegments)
+        words = processes * (CLAIMS + _tunables.RESULT_SEGMENTS_HELD) + 1
+        self.claims_seg = _core.Segment(-(-words * 4 // 4096) * 4096)
+        self.claims = _core.SharedView(self.claims_seg, 0, "i", words, False)
+        self.claims.store(processes * CLAIMS, 1)
+        self.results_flag = 1  # that word's value
+        self.result_segs = weakref.WeakSet()  # those mapped here that results still use
+        self.result_segs_max = _result_segments_max()
         self.stalled = 0  # slots with outgoing messages
         self.tasks = {}  # tid -> _Task
         self.spills = spill.SpillPool(keep=2 * processes + 2)
@@ -174,9 +193,12 @@ class LocalBackend:
 
     def _spawn(self, slot):
         fd, pipe_fd = self.ch.fds
+        slot.gen += 1
         p = self.ctx.Process(
             target=worker.main,
-            args=(os.getpid(), fd, pipe_fd, slot.index, self.init, self.maxtasks, self.threads),
+            args=(os.getpid(), fd, pipe_fd, slot.index, self.init, self.maxtasks, self.threads,
+                  (self.claims_seg.fd, self.claims_seg.ino, self.claims_seg.size, CLAIMS,
+                   self.processes, _tunables.RESULT_SEGMENTS_HELD), slot.gen),
             name=f"PyParallelPoolWorker-{slot.index}",
             daemon=True,
         )
@@ -190,6 +212,7 @@ class LocalBackend:
         slot.ready = False
         slot.leaving = False
         slot.funcs = set()
+        slot.stale.clear()
 
     def _abandon_start(self):
         """A worker could not start: stop the ones that did, release everything."""
@@ -211,6 +234,7 @@ class LocalBackend:
             s.proc = None
         self.lifecycle.to(State.TERMINATE)
         self.ch.close()
+        self._close_claims()
 
     def _kill_all(self):
         procs = [s.proc for s in self.slots if s.proc is not None]
@@ -247,7 +271,7 @@ class LocalBackend:
         tid = next(self.tid)
         args = chunk.args
         if job.kind != APPLY and type(args) is not range:
-            args = wire.pack_numbers(args)  # a chunk the worker only iterates over
+            args = wire.pack_args(args)  # a chunk the worker only iterates over (once)
         payload = (fid, args, job.kind)
         try:
             parts = wire.encode(tid, payload)
@@ -308,11 +332,12 @@ class LocalBackend:
         if self.broken is not None:
             self._fail_everything(self.broken, done)
             return
-        if not self.jobs and not self.retry and self.stalled == 0:
-            return
         written = []
         try:
-            self._write_tasks(done, written)
+            if not self.jobs and not self.retry and self.stalled == 0:
+                self._steal(written)
+            else:
+                self._write_tasks(done, written)
         finally:
             for i in written:  # wake the workers only once everything is written
                 self.ch.wake(i)
@@ -340,10 +365,51 @@ class LocalBackend:
                 return
             task = self._next_task(done)
             if task is None:
-                return
+                break
             self._dispatch(slot, task)
             if slot.index not in written:
                 written.append(slot.index)
+        self._steal(written)
+
+    def _steal(self, written):
+        """Nothing new to send: an idle worker takes the newest task queued behind a running
+        one on another worker, rather than let it wait there (head-of-line blocking). The
+        claim word decides a race with that worker starting it: whoever moves it first."""
+        if len(self.tasks) < 2:  # nothing queued behind anything (a round trip, say)
+            return
+        maxtasks = self.maxtasks
+        while True:
+            idle = None
+            for slot in self.slots:
+                if (not slot.inflight and slot.proc is not None and not slot.outgoing
+                        and not slot.leaving and (maxtasks is None or slot.sent < maxtasks)):
+                    idle = slot
+                    break
+            if idle is None:
+                return
+            victim = None
+            for slot in self.slots:  # the one whose running task started first
+                if (len(slot.inflight) > 1 and not slot.outgoing and slot.proc is not None
+                        and (victim is None or slot.head_since < victim.head_since)):
+                    victim = slot
+            if victim is None:
+                return
+            task = self.tasks[victim.inflight[-1]]
+            word = victim.index * CLAIMS + task.seq % CLAIMS
+            if not self.claims.compare_exchange(word, QUEUED, STOLEN):
+                return  # the worker has just started it (so its previous task is done)
+            victim.inflight.pop()
+            victim.sent -= 1
+            victim.stale.append(task.seq)
+            del self.tasks[task.tid]
+            if task.seg is not None:  # the worker skips the message without mapping it
+                self.spills.give(task.seg, worker_gone=True)
+                task.seg = None
+            if task.budget is not None:
+                self.timed -= 1
+            self._dispatch(idle, task)
+            if idle.index not in written:
+                written.append(idle.index)
 
     def _free_slot(self):
         """The slot with the fewest tasks in flight among those that may take one more."""
@@ -353,7 +419,8 @@ class LocalBackend:
         for slot in self.slots:
             k = len(slot.inflight)
             if (k < fewest and slot.proc is not None and not slot.outgoing and not slot.leaving
-                    and (maxtasks is None or slot.sent < maxtasks)):
+                    and (maxtasks is None or slot.sent < maxtasks)
+                    and k + len(slot.stale) < CLAIMS - 1):
                 best, fewest = slot, k
         return best
 
@@ -372,7 +439,13 @@ class LocalBackend:
         if task.fid not in slot.funcs:
             slot.funcs.add(task.fid)
             self._send(slot, wire.encode_define(task.fid, self.fid_pickles[task.fid]))
-        msg, task.seg = self.spills.spill(task.parts)
+        if not self.results_flag:  # results the caller let go of may have freed some
+            self._results_ok()
+        task.seq = seq = slot.seq
+        slot.seq = seq + 1
+        claim = seq % CLAIMS
+        self.claims.store(slot.index * CLAIMS + claim, QUEUED)
+        msg, task.seg = self.spills.spill(wire.with_claim(task.parts, claim))
         task.sent_at = _monotonic()
         self.tasks[task.tid] = task
         if not slot.inflight:
@@ -413,6 +486,9 @@ class LocalBackend:
         if task is None:
             return
         self.warm = True
+        stale = slot.stale
+        while stale and stale[0] < task.seq:  # read (and skipped) before this one ran
+            stale.popleft()
         dq = slot.inflight
         if dq and dq[0] == tid:
             dq.popleft()
@@ -432,9 +508,40 @@ class LocalBackend:
         self.task_time += 0.3 * (dt - self.task_time)
         if task.seg is not None:
             self.spills.give(task.seg)
+        flags = wire.peek(msg)[1]
+        if flags & wire.SPILLED:
+            # Its buffers are in a segment of the worker's: map it now (the worker waits for
+            # that before it exits), and give it back once the results let go of it.
+            word = (self.processes * CLAIMS + 1 + slot.index * _tunables.RESULT_SEGMENTS_HELD
+                    + (flags >> wire.CLAIM_SHIFT) - 1)
+            tag = slot.gen * 4
+            try:
+                fd, ino, size = wire.spill_ref(msg)
+                seg = _core.Segment.attach(slot.proc.pid, fd, ino, size)
+            except OSError as e:
+                self.claims.compare_exchange(word, tag + spill.R_SENT, spill.R_FREE)
+                msg = (False, OSError(e.errno, f"the task's result could not be mapped from "
+                                               f"its worker's shared segment: {e.strerror}"))
+            else:
+                self.claims.compare_exchange(word, tag + spill.R_SENT, tag + spill.R_MAPPED)
+                weakref.finalize(seg, _result_freed, weakref.ref(self), word,
+                                 tag + spill.R_MAPPED)
+                msg = _MappedResult(msg, seg)
+                self.result_segs.add(seg)
+            self._results_ok()
+        elif self.result_segs or not self.results_flag:
+            self._results_ok()
         if task.job.cancelled:
             return
         done.append((task.job.result, task.start, task.count, msg, task.job.single))
+
+    def _results_ok(self):
+        """Tells the workers whether big results may come in segments (not while too many
+        of those are alive here: each holds a file descriptor)."""
+        ok = int(len(self.result_segs) < self.result_segs_max)
+        if self.results_flag != ok:
+            self.results_flag = ok
+            self.claims.store(self.processes * CLAIMS, ok)
 
     def _drain_all(self, done):
         """Takes every slot's results (self.lock held); False once the pool is terminated."""
@@ -572,6 +679,8 @@ class LocalBackend:
                     continue
                 if type(obj) is bytearray:
                     obj = self._decode(obj)
+                elif type(obj) is _MappedResult:
+                    obj = self._decode(obj.msg, obj)
                 success, value = obj
                 if success and len(entry) > 4 and entry[4] and count == 1 \
                         and not isinstance(result, _ApplyResult):
@@ -586,9 +695,9 @@ class LocalBackend:
                     traceback.print_exc()
         done.clear()
 
-    def _decode(self, msg):
+    def _decode(self, msg, mapped=None):
         try:
-            return wire.decode(msg)[1]
+            return wire.decode(msg, None, mapped)[1]
         except BaseException as e:  # noqa: BLE001 - a result that cannot be unpickled here
             return (False, e)
 
@@ -783,6 +892,14 @@ class LocalBackend:
         with self.lock:
             self.spills.close()
         self.ch.close()
+        self._close_claims()
+
+    def _close_claims(self):
+        self.claims = None  # the view holds a buffer of the segment
+        try:
+            self.claims_seg.close()
+        except BufferError:  # pragma: no cover - a view is still referenced somewhere
+            pass
 
     def join(self) -> None:
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -814,6 +931,44 @@ class LocalBackend:
             self._pump(done)
         self._complete(done)
         self.kick()
+
+
+class _MappedResult:
+    """A result message whose buffers are in a segment already mapped here; decoding it
+    "attaches" that segment (see wire.decode's cache)."""
+
+    __slots__ = ("msg", "seg")
+
+    def __init__(self, msg, seg):
+        self.msg = msg
+        self.seg = seg
+
+    def attach(self, pid, fd, ino, size):
+        seg, self.seg = self.seg, None
+        return seg
+
+    def release(self, seg):
+        seg.close()
+
+
+def _result_freed(engine_ref, word, tag):
+    """The last view of a result segment is gone: its worker may write it again."""
+    eng = engine_ref()
+    claims = eng.claims if eng is not None else None
+    if claims is not None:
+        claims.compare_exchange(word, tag, spill.R_FREE)
+
+
+def _result_segments_max():
+    import resource
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(0, min(_tunables.RESULT_SEGMENTS_MAX, soft // 4))
 
 
 def _describe_call(job, chunk):

@@ -12,6 +12,12 @@ The segment's first 32-bit word says who may touch it:
 
 A segment still BUSY after its task completed is referenced in the worker (the task kept a
 view, in a global say) and is never written again.
+
+Results go the other way (:class:`ResultSegments`): a result whose out-of-band buffers add up
+to ``RESULT_SPILL_MIN`` or more has them copied into a segment of the worker's; the parent
+maps it as soon as it takes the message and unpickles from it in place, so the arrays it
+returns are views of that segment, which lives as long as they do; once they are gone the
+worker writes the next result into it (a fresh segment costs a page fault per page).
 """
 from __future__ import annotations
 
@@ -150,3 +156,84 @@ class SpillCache:
     def close(self):
         while self.maps:
             self._drop(next(iter(self.maps)))
+
+
+#: a result segment's word (in the engine's claims segment): generation * 4 + one of these
+R_FREE, R_SENT, R_MAPPED = 0, 1, 2
+
+
+class ResultSegments:
+    """A worker's result segments, reused once the parent let go of them.
+
+    Each has a word in the pool's shared claims segment: FREE (0: the worker may write it),
+    ``gen*4 + R_SENT`` (sent; the parent has not mapped it yet: the worker must not exit),
+    ``gen*4 + R_MAPPED`` (the parent's results use it); the parent moves SENT to MAPPED when
+    it maps it and MAPPED to FREE when its last view is gone, each by compare-and-exchange
+    on this worker's generation, so a finalizer late for a replaced worker changes nothing.
+    """
+
+    def __init__(self, words, n, gen):
+        self.words = words  # a SharedView of this slot's n words
+        self.n = n
+        self.gen = gen
+        self.segs = {}  # word index -> Segment
+        for i in range(self.n):
+            words.store(i, R_FREE)
+
+    def _pick(self, need):
+        words = self.words
+        spare = None
+        for i, seg in self.segs.items():
+            if words.load(i) == R_FREE:
+                if need <= seg.size <= 2 * need:
+                    return i, seg
+                spare = i
+        for i in range(self.n):
+            if i not in self.segs:
+                return i, None
+        if spare is not None:
+            self.segs.pop(spare).close()
+            return spare, None
+        return None, None
+
+    def spill(self, parts, allowed=True):
+        """(parts, word index or None): the result message's parts with its big buffers
+        moved into a segment when that pays and ``allowed`` (the parent does not hold too
+        many already)."""
+        if not allowed or len(parts) <= 2:
+            return parts, None
+        sizes = [len(p) for p in parts[2:]]
+        if sum(sizes) < _tunables.RESULT_SPILL_MIN:
+            return parts, None
+        need = DATA + sum(_aligned(n) for n in sizes)
+        i, seg = self._pick(need)
+        if i is None:
+            return parts, None
+        if seg is None:
+            r = _tunables.SPILL_ROUND
+            seg = _core.Segment(-(-need // r) * r)
+            self.segs[i] = seg
+        self.words.store(i, self.gen * 4 + R_SENT)
+        try:
+            return spill(parts, seg), i
+        except BaseException:
+            self.words.store(i, R_FREE)
+            raise
+
+    def wait(self, seconds):
+        """Before the worker exits: give the parent time to map what it was sent."""
+        import time
+
+        end = time.monotonic() + seconds
+        words = self.words
+        while any(words.load(i) & 3 == R_SENT for i in self.segs):
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.001)
+        self.close()
+
+    def close(self):
+        for seg in self.segs.values():
+            seg.close()
+        self.segs.clear()
+        self.words = None

@@ -16,15 +16,23 @@ Messages, parent to worker:
   task, not the worker);
 - an empty message: leave.
 
+A task names a **claim word** (flags from bit CLAIM_SHIFT): before running it the worker
+moves that word from QUEUED to TAKEN, and a parent that took the task back to run it on an
+idle worker moved it to STOLEN first, so exactly one of them has it (the worker skips a stolen
+task's message).
+
 Worker to parent: a **result**, payload ``(success, value)`` for the task ``tid``, pickled
-with plain pickle as multiprocessing does; ``tid`` READY_TID says the worker started (its
+with plain pickle as multiprocessing does (big out-of-band buffers SPILLED into a segment of
+the worker's, which the parent maps and keeps: see :class:`.spill.ResultSegments`); ``tid`` READY_TID says the worker started (its
 initializer ran), INIT_FAILED_TID reports an initializer that raised.
 
 Long lists of plain numbers (a chunk of a map's arguments or results) travel as packed
-arrays (:func:`pack_numbers`, codec.c).
+arrays, and long lists of plain records (tuples of ints, floats, strs, None and bools, the
+same kind per field) or of strs as one packed buffer (:func:`pack_numbers`, codec.c).
 """
 from __future__ import annotations
 
+import itertools
 import pickle
 import struct
 
@@ -35,6 +43,8 @@ HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
 SPILLED = 1
 #: flag: a function definition, not a task
 DEFINE = 2
+#: a task's claim word (1 + its index in the worker slot's claims), in the flags from bit 8
+CLAIM_SHIFT = 8
 SPILL_HEAD = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
 
 #: tid of the message a worker sends when its initializer failed
@@ -60,14 +70,71 @@ class _Numbers:
         return _core.unpack_numbers, (self.code, pickle.PickleBuffer(self.data))
 
 
-def pack_numbers(seq):
-    """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
-    exact floats, a stand-in that pickles it several times faster. It unpickles as a list:
-    use it only where a list is what the receiver needs."""
+class _Records:
+    """Stands in for a list of plain records (or strs) in a pickle: one packed buffer (out of
+    band when large), unpickled as the equal list of new tuples (codec.c)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return _core.unpack_records, (pickle.PickleBuffer(self.data),)
+
+
+class _RecordsIter(_Records):
+    """The same for a chunk of arguments: unpickled as an iterator over the records, which
+    unpacks them a part at a time as the worker's function takes them."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return iter_records, (pickle.PickleBuffer(self.data),)
+
+
+def _record_parts(buf, _unpack=_core.unpack_records):
+    part = _tunables.RECORDS_PART
+    state = None
+    while True:
+        items, state = _unpack(buf, state, part)
+        yield items
+        if state is None:
+            return
+
+
+def iter_records(buf):
+    """An iterator over the records pack_records packed into ``buf`` (unpacked a part at a
+    time; a malformed buffer raises ValueError as it is reached)."""
+    return itertools.chain.from_iterable(_record_parts(buf))
+
+
+def pack_args(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
+    """As :func:`pack_numbers`, for a chunk of arguments the worker only iterates over once:
+    records unpickle as an iterator (see :class:`_RecordsIter`)."""
     if len(seq) >= _tunables.PACK_MIN:
-        packed = _core.pack_numbers(seq)
+        packed = _pack_numbers(seq)
         if packed is not None:
             return _Numbers(*packed)
+        packed = _pack_records(seq)
+        if packed is not None:
+            return _RecordsIter(packed)
+    return seq
+
+
+def pack_numbers(seq, records=True, _pack_numbers=_core.pack_numbers,
+                 _pack_records=_core.pack_records):
+    """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
+    exact floats, or (``records``) of plain records (see codec.c), a stand-in that pickles it
+    several times faster. It unpickles as a list: use it only where a list is what the
+    receiver needs."""
+    if len(seq) >= _tunables.PACK_MIN:
+        packed = _pack_numbers(seq)
+        if packed is not None:
+            return _Numbers(*packed)
+        packed = _pack_records(seq) if records else None
+        if packed is not None:
+            return _Records(packed)
     return seq
 
 
@@ -98,6 +165,14 @@ def encode(tid: int, obj, dumps=None) -> tuple:
     return (_header(tid, bufs, len(data), 0), data, *bufs)
 
 
+def with_claim(parts, claim: int) -> tuple:
+    """The same message, its flags naming claim word ``claim`` (see engine: stealing)."""
+    head = parts[0]
+    tid, nbuf, plen, flags = HEAD.unpack_from(head, 0)
+    flags = (flags & ((1 << CLAIM_SHIFT) - 1)) | ((claim + 1) << CLAIM_SHIFT)
+    return (HEAD.pack(tid, nbuf, plen, flags) + head[HEAD.size:], *parts[1:])
+
+
 def encode_define(fid: int, func_pickle: bytes) -> tuple:
     return (HEAD.pack(fid, 0, len(func_pickle), DEFINE), func_pickle)
 
@@ -112,6 +187,12 @@ def peek(msg) -> tuple:
     """(tid, flags) of a received message."""
     tid, _, _, flags = HEAD.unpack_from(msg, 0)
     return tid, flags
+
+
+def spill_ref(msg) -> tuple:
+    """(fd, inode, size) of the segment a SPILLED message's buffers are in."""
+    _, nbuf, _, _ = HEAD.unpack_from(msg, 0)
+    return SPILL_HEAD.unpack_from(msg, HEAD.size + 8 * nbuf)
 
 
 def peek_tid(msg) -> int:

@@ -23,11 +23,15 @@ from . import spill, wire
 __all__ = ["main"]
 
 
-def _run(func, args, kind):
+def _run(func, args, kind, _pack_iter=_core.pack_iter):
+    """The task's value: for a map's chunk, its results packed as they come when they are
+    plain records (wire._Records), else their list."""
     if kind == wire.MAP:
-        return list(map(func, args))
+        value = _pack_iter(map(func, args))
+        return wire._Records(value) if type(value) is bytes else value
     if kind == wire.STARMAP:
-        return list(itertools.starmap(func, args))
+        value = _pack_iter(itertools.starmap(func, args))
+        return wire._Records(value) if type(value) is bytes else value
     if kind == wire.BULK:
         return func(list(args))
     a, kw = args
@@ -71,7 +75,7 @@ class _Functions:
         return func
 
 
-def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
+def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None, gen=0):
     # Ctrl-C is the parent's business: it cancels calls and replaces workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
@@ -81,6 +85,21 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
     except OSError:  # the pool was torn down while this worker started: nothing to serve
         os._exit(3)
+    claim_view = results_ok = result_segs = None
+    if claims is not None:  # the words that say whether the parent took a queued task back
+        cfd, cino, csize, per_slot, nslots, per_results = claims
+        try:
+            claim_seg = _core.Segment.attach(parent_pid, cfd, cino, csize)
+        except OSError:
+            os._exit(3)
+        claim_view = _core.SharedView(claim_seg, slot * per_slot * 4, "i", per_slot, False)
+        # and the one that says whether big results may go through segments of ours
+        base = nslots * per_slot * 4
+        results_ok = _core.SharedView(claim_seg, base, "i", 1, False)
+        # and this slot's result segments' words (see spill.ResultSegments)
+        result_segs = spill.ResultSegments(_core.SharedView(
+            claim_seg, base + 4 + slot * per_results * 4, "i", per_results, False), per_results, gen)
+        del claim_seg
     identity._set(identity.WorkerInfo(slot, os.getpid()))
     if init is not None:
         try:
@@ -97,10 +116,12 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
     spin_usec = _tunables.WORKER_SPIN_US
     spills = spill.SpillCache()
     done = 0
+    parent_gone = False
     while maxtasks is None or done < maxtasks:
         try:
             msg = ch.recv(slot, spin_usec)
         except BrokenPipeError:  # the parent is gone: nothing to report to
+            parent_gone = True
             break
         if not msg:  # an empty message asks the worker to leave
             break
@@ -108,13 +129,16 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         if flags & wire.DEFINE:
             funcs.define(tid, wire.define_payload(msg))
             continue
+        claim = flags >> wire.CLAIM_SHIFT
+        if claim and not claim_view.compare_exchange(claim - 1, 0, 1):
+            continue  # the parent took it back for another worker (queued -> stolen)
         seg = None
         try:
             (fid, args, kind), seg = wire.decode(msg, parent_pid, spills)[1:]
             del msg
             value = _run(funcs.get(fid), args, kind)
             if type(value) is list:  # a map's chunk of results, or a list from apply
-                value = wire.pack_numbers(value)
+                value = wire.pack_numbers(value, records=kind != wire.MAP and kind != wire.STARMAP)
             result = (True, value)
             value = None
         except BaseException as e:  # noqa: BLE001 - the task's failure, whatever it raised
@@ -123,6 +147,13 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         args = None
         parts = _encode_result(tid, result)
         result = None
+        if result_segs is not None:
+            try:
+                parts, word = result_segs.spill(parts, results_ok.load(0) == 1)
+            except OSError:  # no memory for a segment: through the ring, then
+                word = None
+            if word is not None:
+                parts = wire.with_claim(parts, word)
         # A spill segment the arguments came in goes back to the parent for reuse once no
         # view of it is left: before the result is sent when possible, so that the parent
         # finds it free. A task that keeps a view (in a global, say) keeps the segment, and
@@ -132,6 +163,7 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
         try:
             ch.send(slot, parts)
         except BrokenPipeError:  # the parent died while we were running
+            parent_gone = True
             break
         parts = None
         if seg is not None:
@@ -139,4 +171,10 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1):
             seg = None
         done += 1
     spills.close()
+    if result_segs is not None:
+        if parent_gone:
+            result_segs.close()
+        else:  # the parent maps the last results' segments while we still hold them
+            result_segs.wait(_tunables.KILL_JOIN)
+    claim_view = results_ok = None
     ch.close()
