@@ -860,9 +860,9 @@ pp_atomic_exact(PyObject *o)
 }
 
 /* Shared by the scalar call (threads == 1) and .map(). The items go by blocks: convert
- * (GIL held: unpack, weights[kind], fast forms), multiply, build the result tuples. Per item the order of Python-visible steps
- * is the list comprehension's within a block (lookups, then products), and errors are its
- * errors, raised at the same item. */
+ * (GIL held: unpack, weights[kind], fast forms), multiply, build the result tuples. A
+ * product Python computes is made during the conversion, in the comprehension's order; the
+ * others run no Python code. Errors are the comprehension's, raised at the same item. */
 static PyObject *
 pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int threads,
                      PyObject *token)
