@@ -132,6 +132,8 @@ int pp_kernels_exec(PyObject *module, pp_state *st);
 extern PyMethodDef pp_kernels_methods[];
 
 /* ---- shm.c: shared segments and typed views with atomics ---- */
+int pp_open_peer_fd(long pid, int fd, unsigned long long ino, Py_ssize_t min_size, const char *what,
+                    const char *sender);
 int pp_shm_exec(PyObject *module, pp_state *st);
 
 /* ---- sync.c: process-shared locks and semaphores ---- */

@@ -106,10 +106,10 @@
 #define PP_Q_SPIN_NS 50000LL             /* a waiter polls this long before it sleeps */
 #define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
-#define PP_Q_ALIGN 64 /* heap parts start on cache lines (numpy alignment) */
-#define PP_Q_SLOTS 64                 /* recycled regions per ring */
-#define PP_Q_SLOT_MAX (8ULL << 20)    /* the biggest message a recycled region carries */
-#define PP_Q_CACHE_MAX (32ULL << 20)  /* free recycled regions keep at most this much memory */
+#define PP_Q_ALIGN 64                /* heap parts start on cache lines (numpy alignment) */
+#define PP_Q_SLOTS 64                /* recycled regions per ring */
+#define PP_Q_SLOT_MAX (8ULL << 20)   /* the biggest message a recycled region carries */
+#define PP_Q_CACHE_MAX (32ULL << 20) /* free recycled regions keep at most this much memory */
 #define PP_Q_PID_MASK 0xffffffffULL
 
 enum { PP_REC_PAD = 1, PP_REC_INLINE = 2, PP_REC_HEAP = 3 };
@@ -448,32 +448,16 @@ Ring_attach(PyObject *cls, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "invalid ring handle");
         return NULL;
     }
-    RingObject *self = pp_ring_alloc((PyTypeObject *)cls);
-    if (self == NULL) {
+    int nfd = pp_open_peer_fd(pid, fd, ino, 0, "queue", "a queue");
+    if (nfd < 0) {
         return NULL;
     }
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%ld/fd/%d", pid, fd);
-    int nfd;
-    Py_BEGIN_ALLOW_THREADS
-    nfd = open(path, O_RDWR | O_CLOEXEC);
-    Py_END_ALLOW_THREADS
-    if (nfd < 0) {
-        int err = errno;
-        Py_DECREF(self);
-        if (err == ENOENT || err == ESRCH) {
-            PyErr_Format(PyExc_FileNotFoundError,
-                         "queue is gone: process %ld no longer holds it (the process that sends "
-                         "a queue must keep it alive until it is received)",
-                         pid);
-            return NULL;
-        }
-        errno = err;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+    RingObject *self = pp_ring_alloc((PyTypeObject *)cls);
+    if (self == NULL) {
+        close(nfd);
+        return NULL;
     }
-    struct stat sb;
-    if (fstat(nfd, &sb) < 0 || (unsigned long long)sb.st_ino != ino ||
-        pp_ring_map(self, nfd, 0, 0) < 0) {
+    if (pp_ring_map(self, nfd, 0, 0) < 0) {
         close(nfd);
         Py_DECREF(self);
         PyErr_Format(PyExc_FileNotFoundError,
@@ -677,8 +661,7 @@ pp_slot_release(RingObject *r, int i, uint64_t held)
     pp_qhdr *h = r->h;
     uint64_t kept = 0;
     for (int j = 0; j < PP_Q_SLOTS; j++) {
-        if ((atomic_load_explicit(&h->slots[j].state, memory_order_relaxed) & PP_Q_PID_MASK) ==
-            0) {
+        if ((atomic_load_explicit(&h->slots[j].state, memory_order_relaxed) & PP_Q_PID_MASK) == 0) {
             kept += atomic_load_explicit(&h->slots[j].len, memory_order_relaxed);
         }
     }
@@ -1298,12 +1281,12 @@ Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
     }
     unsigned long long fresh = atomic_load(&h->heap_next) - h->heap_base;
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS),
-        "head", (unsigned long long)(G >> PP_Q_CNT_BITS), "freed",
-        (unsigned long long)atomic_load(&h->F), "puts", (unsigned long long)(P & PP_Q_CNT_MASK),
-        "gets", (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes,
-        "fresh_used", fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free",
-        slots_free, "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS), "head",
+        (unsigned long long)(G >> PP_Q_CNT_BITS), "freed", (unsigned long long)atomic_load(&h->F),
+        "puts", (unsigned long long)(P & PP_Q_CNT_MASK), "gets",
+        (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes, "fresh_used",
+        fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free", slots_free,
+        "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
         (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
         "put_lock", (unsigned int)atomic_load(&h->plock.word));
 }

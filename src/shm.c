@@ -130,6 +130,43 @@ Segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
+/* Opens the file that process `pid` holds as `fd` (a shared object it sent by handle) and
+ * checks that it is still inode `ino` of at least `min_size` bytes. Returns the new
+ * descriptor, or -1 with an exception set: FileNotFoundError naming `what` when the process
+ * no longer holds it (`sender`: what the sending process must keep alive). */
+int
+pp_open_peer_fd(long pid, int fd, unsigned long long ino, Py_ssize_t min_size, const char *what,
+                const char *sender)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%ld/fd/%d", pid, fd);
+    int nfd;
+    Py_BEGIN_ALLOW_THREADS
+    nfd = open(path, O_RDWR | O_CLOEXEC);
+    Py_END_ALLOW_THREADS
+    if (nfd < 0) {
+        int err = errno;
+        if (err == ENOENT || err == ESRCH) {
+            PyErr_Format(PyExc_FileNotFoundError,
+                         "%s is gone: process %ld no longer holds it (the process that sends "
+                         "%s must keep it alive until it is received)",
+                         what, pid, sender);
+            return -1;
+        }
+        errno = err;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
+        return -1;
+    }
+    struct stat sb;
+    if (fstat(nfd, &sb) < 0 || (unsigned long long)sb.st_ino != ino || sb.st_size < min_size) {
+        close(nfd);
+        PyErr_Format(PyExc_FileNotFoundError,
+                     "%s is gone: fd %d of process %ld is another file now", what, fd, pid);
+        return -1;
+    }
+    return nfd;
+}
+
 PyDoc_STRVAR(Segment_attach_doc, "attach($type, pid, fd, ino, size, /)\n--\n\n"
                                  "Maps the segment that process `pid` holds as `fd` (its inode "
                                  "must be `ino`, its size at least `size`).");
@@ -148,35 +185,13 @@ Segment_attach(PyObject *cls, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "invalid segment handle");
         return NULL;
     }
-    SegmentObject *self = pp_segment_alloc((PyTypeObject *)cls);
-    if (self == NULL) {
+    int nfd = pp_open_peer_fd(pid, fd, ino, size, "shared segment", "a shared object");
+    if (nfd < 0) {
         return NULL;
     }
-    char path[64];
-    snprintf(path, sizeof(path), "/proc/%ld/fd/%d", pid, fd);
-    int nfd;
-    Py_BEGIN_ALLOW_THREADS
-    nfd = open(path, O_RDWR | O_CLOEXEC);
-    Py_END_ALLOW_THREADS
-    if (nfd < 0) {
-        int err = errno;
-        Py_DECREF(self);
-        if (err == ENOENT || err == ESRCH) {
-            PyErr_Format(PyExc_FileNotFoundError,
-                         "shared segment is gone: process %ld no longer holds it (the process "
-                         "that sends a shared object must keep it alive until it is received)",
-                         pid);
-            return NULL;
-        }
-        errno = err;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, path);
-    }
-    struct stat sb;
-    if (fstat(nfd, &sb) < 0 || (unsigned long long)sb.st_ino != ino || sb.st_size < size) {
+    SegmentObject *self = pp_segment_alloc((PyTypeObject *)cls);
+    if (self == NULL) {
         close(nfd);
-        Py_DECREF(self);
-        PyErr_Format(PyExc_FileNotFoundError,
-                     "shared segment is gone: fd %d of process %ld is another file now", fd, pid);
         return NULL;
     }
     if (pp_segment_map(self, nfd, size) != PP_OK) {

@@ -52,53 +52,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # ---- task functions (importable by the workers: tests/ is on their PYTHONPATH) ----
 
 
-def square(x):
-    return x * x
-
-
-def add(a, b):
-    return a + b
-
-
-def boom(x):
-    if x == 3:
-        raise ZeroDivisionError(f"boom {x}")
-    return x
-
-
-def sleepy(x):
-    time.sleep(x)
-    return x
-
-
-def getpid(_=None):
-    return os.getpid()
-
-
-def unpicklable_result(x):
-    if x == 2:
-        return threading.Lock()
-    return x
-
-
-_initialized = None
-
-
-def init_global(value):
-    global _initialized
-    _initialized = value
-
-
-def read_global(_):
-    return _initialized
-
-
-def init_fail():
-    raise RuntimeError("initializer failed on purpose")
-
-
-def echo(x):
-    return x
+# the local pool's own task functions: the same bodies run on both backends
+from test_pool import (add, boom, echo, getpid, init_fail, init_global, read_global,  # noqa: E402
+                       sleepy, square, unpicklable_result)
 
 
 def array_sum(a, k):

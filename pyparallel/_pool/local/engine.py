@@ -38,7 +38,7 @@ import traceback
 import weakref
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
-from typing import Any
+from typing import Any, NamedTuple
 
 from ... import _core, _serialize, _tunables
 from ..._cpu import cpu_count
@@ -74,6 +74,46 @@ class _Task:
     budget: float | None = None  # seconds it may run (task_timeout times its items)
     label: str = ""  # what it runs, for the timeout's message
     seq: int = 0  # its number among the tasks sent to its slot (its claim word: seq % CLAIMS)
+
+
+class _Finished(NamedTuple):
+    """A chunk is done: ``obj`` is its result message (unpickled in _complete) or
+    (success, value); ``single``: one APPLY task whose value is one item."""
+
+    result: Any
+    start: int
+    count: int
+    obj: Any
+    single: bool = False
+
+
+class _Abort(NamedTuple):
+    """Fail the whole result now."""
+
+    result: Any
+    err: BaseException
+
+    def apply(self, engine):
+        self.result._abort(self.err)
+
+
+class _Length(NamedTuple):
+    """A lazy job's input ended after ``n`` items."""
+
+    result: Any
+    n: int
+
+    def apply(self, engine):
+        self.result._set_length(self.n)
+
+
+class _InitFailed(NamedTuple):
+    """A worker's message saying its initializer raised."""
+
+    msg: Any
+
+    def apply(self, engine):
+        engine._init_failed(self.msg)
 
 
 @dataclass(slots=True, eq=False)
@@ -312,19 +352,19 @@ class LocalBackend:
                 item = next(job.chunks)
             except StopIteration:
                 del self.jobs[i]
-                done.append((result, None, "length", job.extra.get("items", 0)))
+                done.append(_Length(result, job.extra.get("items", 0)))
                 continue
             if isinstance(item, BaseException):  # the input iterator raised: that item fails
                 start = job.extra.get("items", 0)
                 job.extra["items"] = start + 1
-                done.append((result, start, 1, (False, item)))
+                done.append(_Finished(result, start, 1, (False, item)))
                 continue
             job.extra["items"] = item.start + item.count
             result._issued += item.count
             try:
                 return self._encode(job, job.extra["fid"], item)
             except Exception as e:  # noqa: BLE001 - that item cannot be sent: it fails
-                done.append((result, item.start, item.count, (False, e)))
+                done.append(_Finished(result, item.start, item.count, (False, e)))
         return None
 
     def _pump(self, done):
@@ -468,7 +508,7 @@ class LocalBackend:
         self.retry.clear()
         self.jobs.clear()
         for result in list(self.cache.values()):
-            done.append((result, None, "abort", err))
+            done.append(_Abort(result, err))
 
     def _on_message(self, slot, msg, done):
         """Accounts for a result message; its unpickling is left to _complete, outside the
@@ -479,7 +519,7 @@ class LocalBackend:
             self.early_deaths = 0
             return
         if tid == wire.INIT_FAILED_TID:
-            done.append((None, None, "init", msg))
+            done.append(_InitFailed(msg))
             self.broken = InitializerError("the pool's initializer raised in a worker")
             return
         task = self.tasks.pop(tid, None)
@@ -533,7 +573,7 @@ class LocalBackend:
             self._results_ok()
         if task.job.cancelled:
             return
-        done.append((task.job.result, task.start, task.count, msg, task.job.single))
+        done.append(_Finished(task.job.result, task.start, task.count, msg, task.job.single))
 
     def _results_ok(self):
         """Tells the workers whether big results may come in segments (not while too many
@@ -581,7 +621,7 @@ class LocalBackend:
                     err = TaskTimeoutError(_timeout_message(task))
                 else:
                     err = WorkerLostError(describe_exit(p.pid, code) + " while running a task")
-                done.append((task.job.result, task.start, task.count, (False, err)))
+                done.append(_Finished(task.job.result, task.start, task.count, (False, err)))
         slot.timed_out = None
         while held:  # never started (or cancelled): send them again
             task = self.tasks.pop(held.pop())
@@ -662,28 +702,25 @@ class LocalBackend:
     # ---- completing results (outside the lock) ----
 
     def _complete(self, done):
-        """Completes results. Entries: (result, start, count, message or (success, value)
-        [, single]); (result, None, "abort", err); (result, None, "length", n); (None, None,
-        "init", message). User code runs here (unpickling, callbacks): whatever it raises
-        fails that result, never the caller of _complete."""
+        """Completes results: the entries are _Finished chunks (their message still to be
+        unpickled, or (success, value)), _Abort, _Length and _InitFailed. User code runs here
+        (unpickling, callbacks): whatever it raises fails that result, never the caller of
+        _complete."""
         for entry in done:
-            result, start, count, obj = entry[:4]
+            if type(entry) is not _Finished:
+                try:
+                    entry.apply(self)
+                except BaseException:  # noqa: BLE001 - a callback of the aborted result
+                    traceback.print_exc()
+                continue
+            result, start, count, obj, single = entry
             try:
-                if start is None:
-                    if count == "abort":
-                        result._abort(obj)
-                    elif count == "length":
-                        result._set_length(obj)
-                    else:
-                        self._init_failed(obj)
-                    continue
                 if type(obj) is bytearray:
                     obj = self._decode(obj)
                 elif type(obj) is _MappedResult:
                     obj = self._decode(obj.msg, obj)
                 success, value = obj
-                if success and len(entry) > 4 and entry[4] and count == 1 \
-                        and not isinstance(result, _ApplyResult):
+                if success and single and count == 1 and not isinstance(result, _ApplyResult):
                     value = [value]  # an imap with chunksize 1: one item
                 result._set_chunk(start, count, success, value)
             except _ResultCompletedTwice:  # a bug of this engine: say so, go on
@@ -850,7 +887,7 @@ class LocalBackend:
                 slot.proc.join(_tunables.KILL_JOIN)
                 self._reap(slot, done, resend_all=True)
             self._pump(done)
-            done.append((result, None, "abort",
+            done.append(_Abort(result,
                          TaskCancelledError("the call was interrupted (KeyboardInterrupt)")))
         self._complete(done)
         self.kick()
