@@ -338,6 +338,10 @@ class Pool:
             if isinstance(iterable, range):  # a range's chunks are ranges: 3 ints each
                 chunks = [Chunk(i, min(chunksize, n - i), iterable[i:i + chunksize])
                           for i in range(0, n, chunksize)]
+            elif (pack := getattr(self._backend, "pack_chunk", None)) is not None and type(
+                    iterable) in (list, tuple):
+                chunks = [Chunk(i, min(chunksize, n - i), pack(iterable, i, min(i + chunksize, n)))
+                          for i in range(0, n, chunksize)]
             else:
                 chunks = []
                 it = iter(iterable)

@@ -10,15 +10,57 @@
 
 #include <string.h>
 
-/* pack_numbers(seq, /) -> (typecode, bytes) | None */
-static PyObject *
-pp_pack_numbers(PyObject *Py_UNUSED(module), PyObject *seq)
+/* The items seq[start:stop] of the list or tuple args[0], with args[1] and args[2] the
+ * optional start and stop (stop None: len(seq); 0 <= start <= stop <= len(seq), else
+ * ValueError): 1 with *items
+ * and *n set, 0 when seq is not an exact list or tuple, -1 with an exception set. The
+ * items are borrowed: the caller runs no Python code while it reads them. */
+static int
+pack_range(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject ***items,
+           Py_ssize_t *n)
 {
-    if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
-        Py_RETURN_NONE;
+    if (nargs < 1 || nargs > 3) {
+        PyErr_Format(PyExc_TypeError, "%s(seq[, start, stop])", name);
+        return -1;
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *seq = args[0];
+    if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
+        return 0;
+    }
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(seq), start = 0, stop = len;
+    if (nargs >= 2) {
+        start = PyLong_AsSsize_t(args[1]);
+        if (start == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (nargs == 3 && args[2] != Py_None) {
+            stop = PyLong_AsSsize_t(args[2]);
+            if (stop == -1 && PyErr_Occurred()) {
+                return -1;
+            }
+        }
+        if (start < 0 || stop < start || stop > len) {
+            PyErr_Format(PyExc_ValueError, "%s: start and stop must have 0 <= start <= stop <= "
+                                           "len(seq)",
+                         name);
+            return -1;
+        }
+    }
+    *items = PySequence_Fast_ITEMS(seq) + start;
+    *n = stop - start;
+    return 1;
+}
+
+/* pack_numbers(seq[, start, stop], /) -> (typecode, bytes) | None */
+static PyObject *
+pp_pack_numbers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject **items;
+    Py_ssize_t n;
+    int r = pack_range("pack_numbers", args, nargs, &items, &n);
+    if (r <= 0) {
+        return r < 0 ? NULL : Py_NewRef(Py_None);
+    }
     if (n == 0) {
         Py_RETURN_NONE;
     }
@@ -376,20 +418,21 @@ rec_finish(rec_packer *pk)
     return out;
 }
 
-/* pack_records(seq, /) -> bytes | None */
+/* pack_records(seq[, start, stop], /) -> bytes | None */
 static PyObject *
-pp_pack_records(PyObject *Py_UNUSED(module), PyObject *seq)
+pp_pack_records(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) {
-        Py_RETURN_NONE;
+    PyObject **items;
+    Py_ssize_t n;
+    int r = pack_range("pack_records", args, nargs, &items, &n);
+    if (r <= 0) {
+        return r < 0 ? NULL : Py_NewRef(Py_None);
     }
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     if (n == 0) {
         Py_RETURN_NONE;
     }
     rec_packer pk;
-    int r = rec_start(&pk, items[0], n);
+    r = rec_start(&pk, items[0], n);
     if (r <= 0) {
         return r < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -752,16 +795,17 @@ done:
 }
 
 PyMethodDef pp_codec_methods[] = {
-    {"pack_numbers", pp_pack_numbers, METH_O,
-     "pack_numbers($module, seq, /)\n--\n\n"
-     "(typecode, bytes) for a list or tuple of only exact ints within int64 ('q') or only\n"
-     "exact floats ('d'); None for anything else."},
+    {"pack_numbers", (PyCFunction)(void (*)(void))pp_pack_numbers, METH_FASTCALL,
+     "pack_numbers($module, seq, start=0, stop=None, /)\n--\n\n"
+     "(typecode, bytes) for a list or tuple (or its items start..stop-1) of only exact ints\n"
+     "within int64 ('q') or only exact floats ('d'); None for anything else."},
     {"unpack_numbers", (PyCFunction)(void (*)(void))pp_unpack_numbers, METH_FASTCALL,
      "unpack_numbers($module, typecode, buffer, /)\n--\n\n"
      "The list that pack_numbers packed into buffer."},
-    {"pack_records", pp_pack_records, METH_O,
-     "pack_records($module, seq, /)\n--\n\n"
-     "bytes for a list or tuple of only exact tuples of one length whose fields keep one kind\n"
+    {"pack_records", (PyCFunction)(void (*)(void))pp_pack_records, METH_FASTCALL,
+     "pack_records($module, seq, start=0, stop=None, /)\n--\n\n"
+     "bytes for a list or tuple (or its items start..stop-1) of only exact tuples of one\n"
+     "length whose fields keep one kind\n"
      "(exact int within int64, exact float, exact str, None/True/False), or of only exact\n"
      "strs; None for anything else."},
     {"pack_iter", pp_pack_iter, METH_O,

@@ -3,6 +3,7 @@ import enum
 import math
 import pickle
 import struct
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -292,3 +293,27 @@ def test_pack_iter_propagates_errors():
         _core.pack_iter(gen())
     with pytest.raises(TypeError):
         _core.pack_iter(5)
+
+
+def test_pack_a_range_of_the_items_in_place():
+    seq = [("k", i, i / 2) for i in range(100)]
+    assert _core.unpack_records(_core.pack_records(seq, 10, 30)) == seq[10:30]
+    assert _core.unpack_records(_core.pack_records(seq, 90)) == seq[90:]
+    assert _core.unpack_records(_core.pack_records(seq, 0, None)) == seq
+    nums = list(range(50))
+    assert _core.unpack_numbers(*_core.pack_numbers(nums, 5, 9)) == [5, 6, 7, 8]
+    assert _core.pack_records(seq, 3, 3) is None and _core.pack_numbers(nums, 7, 7) is None
+    assert _core.pack_records([("k", 1), "x"], 0, 2) is None  # a field changing kind
+    for bad in ((-1, 3), (5, 4), (0, 101), (101, None)):
+        with pytest.raises(ValueError, match="start and stop"):
+            _core.pack_records(seq, *bad)
+        with pytest.raises(ValueError, match="start and stop"):
+            _core.pack_numbers(list(range(100)), *bad)
+    with pytest.raises(TypeError):
+        _core.pack_records(seq, "1", 3)
+    with pytest.raises(TypeError):
+        _core.pack_numbers(nums, 0, 1, 2)
+    # packing reads the items in place: it takes no reference to any of them
+    before = [sys.getrefcount(t) for t in seq[10:30]]
+    packed = _core.pack_records(seq, 10, 30)
+    assert [sys.getrefcount(t) for t in seq[10:30]] == before and packed

@@ -156,3 +156,99 @@ def test_big_results_with_maxtasksperchild():
     with pp.Pool(2, maxtasksperchild=1) as p:
         rs = p.map(big, range(6), chunksize=1)  # each worker leaves right after its result
         assert all((a == i).all() for i, a in enumerate(rs))
+
+
+# ---- a map's long chunks send their results in parts (wire.STREAM) ----
+
+PART = 8192  # pyparallel._pool.local.wire.PART_ITEMS
+
+
+def record(i):
+    return ("kind", i, i * 3)
+
+
+def fail_at(i):
+    if i == 2 * PART + 5:
+        raise KeyError(i)
+    return (i, "x")
+
+
+def die_at(i):
+    if i == PART + 1:
+        os._exit(7)
+    return i
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("no pickling this")
+
+
+def unpicklable_at(i):
+    return Unpicklable() if i == 3 else i
+
+
+def test_part_size_is_the_wire_constant():
+    from pyparallel._pool.local import wire
+
+    assert wire.PART_ITEMS == PART
+
+
+@pytest.mark.parametrize("n", [PART, PART + 1, 2 * PART, 2 * PART + 1, 5 * PART + 77])
+def test_streamed_chunks_give_every_result_in_order(n):
+    items = [("kind", i) for i in range(n)]
+    with pp.Pool(2) as p:
+        # one chunk per worker: each longer than a part for most n
+        assert p.map(record, range(n), (n + 1) // 2) == [record(i) for i in range(n)]
+        assert p.starmap(max, [(i, 3) for i in range(n)], n) == [max(i, 3) for i in range(n)]
+        assert p.map(len, items, n) == [2] * n
+        mixed = p.map(str, range(n), n)  # not records: lists of strs
+        assert mixed == [str(i) for i in range(n)]
+        done = []
+        r = p.map_async(record, range(n), n, callback=done.append)
+        assert r.get(60) == done[0] == [record(i) for i in range(n)]
+
+
+def test_a_failure_after_parts_were_sent_fails_the_map_and_the_pool_goes_on():
+    with pp.Pool(2) as p:
+        with pytest.raises(KeyError) as e:
+            p.map(fail_at, range(4 * PART), 4 * PART)
+        assert e.value.args == (2 * PART + 5,)
+        errors = []
+        r = p.map_async(fail_at, range(4 * PART), 2 * PART, error_callback=errors.append)
+        with pytest.raises(KeyError):
+            r.get(60)
+        assert len(errors) == 1 and isinstance(errors[0], KeyError)
+        assert p.map(record, range(3 * PART), 3 * PART) == [record(i) for i in range(3 * PART)]
+
+
+def test_a_worker_dying_after_parts_were_sent():
+    with pp.Pool(2) as p:
+        with pytest.raises(pp.pool.WorkerLostError, match="exit"):
+            p.map(die_at, range(3 * PART), 3 * PART)
+        assert p.map(record, range(3 * PART), 3 * PART) == [record(i) for i in range(3 * PART)]
+
+
+def test_a_part_that_cannot_be_pickled_is_a_maybe_encoding_error():
+    from multiprocessing.pool import MaybeEncodingError
+
+    with pp.Pool(2) as p:
+        with pytest.raises(MaybeEncodingError, match="no pickling this"):
+            p.map(unpicklable_at, range(2 * PART), 2 * PART)
+        assert p.map(abs, range(-2 * PART, 0), 2 * PART) == list(range(2 * PART, 0, -1))
+
+
+def test_imap_chunks_are_not_streamed():
+    # imap must not hand out items of a chunk that fails later (as the stdlib's)
+    with pp.Pool(2) as p:
+        it = p.imap(fail_at, range(3 * PART), 3 * PART)
+        with pytest.raises(KeyError):
+            next(it)
+
+
+def test_progress_advances_with_the_parts():
+    seen = []
+    with pp.Pool(2) as p:
+        p.map(record, range(4 * PART), 4 * PART, progress=lambda done, total: seen.append(done))
+    assert seen[-1] == 4 * PART
+    assert len(seen) >= 4  # a count per part, not one for the whole chunk

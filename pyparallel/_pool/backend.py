@@ -99,7 +99,8 @@ class Lifecycle:
 @dataclass(slots=True)
 class Chunk:
     """Items ``start .. start+count-1`` of a call: ``args`` is the chunk's items (MAP,
-    STARMAP: a tuple, or a range) or ``(args, kwds)`` (APPLY, count 1)."""
+    STARMAP: a tuple, a range, or what the backend's optional ``pack_chunk(seq, start,
+    stop)`` made of a list's or tuple's items) or ``(args, kwds)`` (APPLY, count 1)."""
 
     start: int
     count: int

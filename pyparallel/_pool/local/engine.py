@@ -44,6 +44,7 @@ from ... import _core, _serialize, _tunables
 from ..._cpu import cpu_count
 from .. import context as _context
 from ..backend import APPLY, MAP, Chunk, Job, Lifecycle, State
+from ..results import MapResult
 from ..errors import (InitializerError, PoolTerminatedError, TaskCancelledError,
                       TaskTimeoutError, WorkerLostError, describe_exit)
 from . import fork, spill, wire, worker
@@ -74,6 +75,13 @@ class _Task:
     budget: float | None = None  # seconds it may run (task_timeout times its items)
     label: str = ""  # what it runs, for the timeout's message
     seq: int = 0  # its number among the tasks sent to its slot (its claim word: seq % CLAIMS)
+    streamed: int = 0  # results taken in parts so far (a STREAM chunk's first items)
+
+    def finished(self, obj):
+        """The _Finished entry completing this task with ``obj`` (its items after the parts
+        already taken)."""
+        return _Finished(self.job.result, self.start + self.streamed, self.count - self.streamed,
+                         obj, self.job.single)
 
 
 class _Finished(NamedTuple):
@@ -85,6 +93,22 @@ class _Finished(NamedTuple):
     count: int
     obj: Any
     single: bool = False
+
+
+class _Part(NamedTuple):
+    """A part of a STREAM chunk's results: the items from ``start`` (its message, unpickled
+    in _complete)."""
+
+    result: Any
+    start: int
+    msg: Any
+
+    def apply(self, engine):
+        value = engine._decode(self.msg)
+        if type(value) is list:
+            self.result._set_chunk(self.start, len(value), True, value)
+        else:  # (False, the exception unpickling raised)
+            self.result._set_chunk(self.start, wire.PART_ITEMS, False, value[1])
 
 
 class _Abort(NamedTuple):
@@ -310,15 +334,19 @@ class LocalBackend:
         """A task for ``chunk``; raises what pickling its arguments raises."""
         tid = next(self.tid)
         args = chunk.args
-        if job.kind != APPLY and type(args) is not range:
+        if job.kind != APPLY and type(args) is not range and type(args) not in wire.PACKED:
             args = wire.pack_args(args)  # a chunk the worker only iterates over (once)
         payload = (fid, args, job.kind)
+        # a map's long chunk: its results come in parts (see wire.STREAM); an imap's do not,
+        # as it must not hand out the items of a chunk that fails later
+        flags = (wire.STREAM if chunk.count > wire.PART_ITEMS and job.kind != APPLY
+                 and type(job.result) is MapResult else 0)
         try:
-            parts = wire.encode(tid, payload)
+            parts = wire.encode(tid, payload, flags=flags)
             if not self.inherited and b"__main__" in parts[1]:
                 raise _Retry  # objects of __main__: by value for a worker that lacks them
         except (pickle.PicklingError, AttributeError, TypeError, _Retry):
-            parts = wire.encode(tid, payload, dumps=self._dumps)
+            parts = wire.encode(tid, payload, dumps=self._dumps, flags=flags)
         task = _Task(tid, job, chunk.start, chunk.count, parts, fid)
         if job.timeout is not None:
             task.budget = job.timeout * chunk.count
@@ -522,6 +550,17 @@ class LocalBackend:
             done.append(_InitFailed(msg))
             self.broken = InitializerError("the pool's initializer raised in a worker")
             return
+        flags = wire.peek(msg)[1]
+        if flags & wire.PARTIAL:
+            task = self.tasks.get(tid)
+            if task is None or task.job.cancelled:
+                return
+            at = (flags >> wire.CLAIM_SHIFT) * wire.PART_ITEMS
+            if at != task.streamed:  # a part that a re-run of the task sends again
+                return
+            task.streamed = at + wire.PART_ITEMS
+            done.append(_Part(task.job.result, task.start + at, msg))
+            return
         task = self.tasks.pop(tid, None)
         if task is None:
             return
@@ -548,7 +587,6 @@ class LocalBackend:
         self.task_time += 0.3 * (dt - self.task_time)
         if task.seg is not None:
             self.spills.give(task.seg)
-        flags = wire.peek(msg)[1]
         if flags & wire.SPILLED:
             # Its buffers are in a segment of the worker's: map it now (the worker waits for
             # that before it exits), and give it back once the results let go of it.
@@ -573,7 +611,7 @@ class LocalBackend:
             self._results_ok()
         if task.job.cancelled:
             return
-        done.append(_Finished(task.job.result, task.start, task.count, msg, task.job.single))
+        done.append(task.finished(msg))
 
     def _results_ok(self):
         """Tells the workers whether big results may come in segments (not while too many
@@ -621,7 +659,7 @@ class LocalBackend:
                     err = TaskTimeoutError(_timeout_message(task))
                 else:
                     err = WorkerLostError(describe_exit(p.pid, code) + " while running a task")
-                done.append(_Finished(task.job.result, task.start, task.count, (False, err)))
+                done.append(task.finished((False, err)))
         slot.timed_out = None
         while held:  # never started (or cancelled): send them again
             task = self.tasks.pop(held.pop())
@@ -827,6 +865,12 @@ class LocalBackend:
             self.jobs.append(_Eager(job, tasks))
             self._pump(done)
         self._complete(done)
+
+    @staticmethod
+    def pack_chunk(seq, start, stop):
+        """A map chunk's arguments, ``seq[start:stop]`` of a list or tuple: packed at once
+        when they are plain numbers or records (a snapshot, read in place), else a tuple."""
+        return wire.pack_args(seq, start, stop)
 
     def help(self, result) -> None:
         """Before blocking on a result: collect it ourselves if it comes within SPIN_US,

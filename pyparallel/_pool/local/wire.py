@@ -21,6 +21,11 @@ moves that word from QUEUED to TAKEN, and a parent that took the task back to ru
 idle worker moved it to STOLEN first, so exactly one of them has it (the worker skips a stolen
 task's message).
 
+A map chunk longer than PART_ITEMS is sent with flag STREAM: its worker sends the results in
+parts of PART_ITEMS items (flag PARTIAL, the part's index in the flags from bit 8, payload the
+list of results), each as soon as it is computed and followed by at least one more item; the
+chunk's result message then carries only the items after the parts.
+
 Worker to parent: a **result**, payload ``(success, value)`` for the task ``tid``, pickled
 with plain pickle as multiprocessing does (big out-of-band buffers SPILLED into a segment of
 the worker's, which the parent maps and keeps: see :class:`.spill.ResultSegments`); ``tid`` READY_TID says the worker started (its
@@ -43,8 +48,16 @@ HEAD = struct.Struct("<QIII")  # tid, out-of-band buffers, pickle length, flags
 SPILLED = 1
 #: flag: a function definition, not a task
 DEFINE = 2
+#: flag (task): the parent takes this map chunk's results in parts (see PART_ITEMS)
+STREAM = 4
+#: flag (result): a part of a streamed chunk's results, its index in the flags from bit 8
+PARTIAL = 8
 #: a task's claim word (1 + its index in the worker slot's claims), in the flags from bit 8
 CLAIM_SHIFT = 8
+#: a streamed chunk's results come in parts of this many items (the last part, which has at
+#: least one item, comes as the chunk's result): the parent unpacks each part while the
+#: worker computes the next, instead of the whole chunk's results after it finished
+PART_ITEMS = 8192
 SPILL_HEAD = struct.Struct("<iQQ")  # the segment: fd in the process that sent it, inode, size
 
 #: tid of the message a worker sends when its initializer failed
@@ -109,17 +122,28 @@ def iter_records(buf):
     return itertools.chain.from_iterable(_record_parts(buf))
 
 
-def pack_args(seq, _pack_numbers=_core.pack_numbers, _pack_records=_core.pack_records):
-    """As :func:`pack_numbers`, for a chunk of arguments the worker only iterates over once:
-    records unpickle as an iterator (see :class:`_RecordsIter`)."""
-    if len(seq) >= _tunables.PACK_MIN:
-        packed = _pack_numbers(seq)
+def pack_args(seq, start=0, stop=None, _pack_numbers=_core.pack_numbers,
+              _pack_records=_core.pack_records):
+    """As :func:`pack_numbers`, for a chunk of arguments the worker only iterates over once
+    (records unpickle as an iterator, see :class:`_RecordsIter`): ``seq``'s items
+    ``start .. stop-1``, read in place (no reference is taken to each, so under fork the
+    pages the workers share with the parent stay shared); a tuple of them when they do not
+    pack (``seq`` itself when it is the whole of it)."""
+    whole = start == 0 and stop is None
+    if stop is None:
+        stop = len(seq)
+    if stop - start >= _tunables.PACK_MIN:
+        packed = _pack_numbers(seq, start, stop)
         if packed is not None:
             return _Numbers(*packed)
-        packed = _pack_records(seq)
+        packed = _pack_records(seq, start, stop)
         if packed is not None:
             return _RecordsIter(packed)
-    return seq
+    return seq if whole else tuple(seq[start:stop])
+
+
+#: what pack_args packs into
+PACKED = (_Numbers, _RecordsIter)
 
 
 def pack_numbers(seq, records=True, _pack_numbers=_core.pack_numbers,
@@ -145,7 +169,7 @@ def _header(tid, bufs, plen, flags):
     return head
 
 
-def encode(tid: int, obj, dumps=None) -> tuple:
+def encode(tid: int, obj, dumps=None, flags=0) -> tuple:
     """The parts of a message carrying ``obj``; raises what pickling raises. ``dumps``:
     pickle with this function (taking ``buffer_callback=``) instead of plain pickle."""
     bufs = []
@@ -162,7 +186,7 @@ def encode(tid: int, obj, dumps=None) -> tuple:
         data = pickle.dumps(obj, 5, buffer_callback=oob)
     else:
         data = dumps(obj, buffer_callback=oob)
-    return (_header(tid, bufs, len(data), 0), data, *bufs)
+    return (_header(tid, bufs, len(data), flags), data, *bufs)
 
 
 def with_claim(parts, claim: int) -> tuple:

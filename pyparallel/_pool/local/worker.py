@@ -38,6 +38,35 @@ def _run(func, args, kind, _pack_iter=_core.pack_iter):
     return func(*a, **kw)
 
 
+_END = object()
+
+
+class _PartUnpicklable(Exception):
+    """A part of a streamed chunk's results could not be pickled."""
+
+    def __init__(self, err, value):
+        super().__init__(err, value)
+        self.err, self.value = err, value
+
+
+def _run_streamed(func, args, kind, send, _pack=wire.pack_numbers):
+    """As _run for a map chunk flagged STREAM: each full part of wire.PART_ITEMS results
+    that more results follow is packed and handed to ``send(index, value)`` at once; the
+    value returned is the rest (at least one item)."""
+    it = map(func, args) if kind == wire.MAP else itertools.starmap(func, args)
+    part = wire.PART_ITEMS
+    index = 0
+    items = []
+    while True:
+        items.extend(itertools.islice(it, part - len(items)))
+        nxt = next(it, _END) if len(items) == part else _END
+        if nxt is _END:
+            return _pack(items, records=True)
+        send(index, _pack(items, records=True))
+        index += 1
+        items = [nxt]
+
+
 def _failure(e):
     return (False, ExceptionWithTraceback(e, e.__traceback__))
 
@@ -54,6 +83,14 @@ def _encode_result(tid, result):
     except BaseException:  # noqa: BLE001 - the value's repr itself fails (too deep, say)
         wrapped = MaybeEncodingError(err, reprlib.repr(result[1]))
         return wire.encode(tid, (False, wrapped))
+
+
+def _send_part(ch, slot, tid, index, value):
+    try:
+        parts = wire.encode(tid, value, flags=wire.PARTIAL | (index << wire.CLAIM_SHIFT))
+    except BaseException as e:  # noqa: BLE001 - a __reduce__ may raise anything
+        raise _PartUnpicklable(e, value) from None
+    ch.send(slot, parts)
 
 
 class _Functions:
@@ -136,11 +173,19 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None, 
         try:
             (fid, args, kind), seg = wire.decode(msg, parent_pid, spills)[1:]
             del msg
-            value = _run(funcs.get(fid), args, kind)
-            if type(value) is list:  # a map's chunk of results, or a list from apply
-                value = wire.pack_numbers(value, records=kind != wire.MAP and kind != wire.STARMAP)
+            if flags & wire.STREAM:
+                value = _run_streamed(funcs.get(fid), args, kind,
+                                      lambda index, part: _send_part(ch, slot, tid, index, part))
+            else:
+                value = _run(funcs.get(fid), args, kind)
+                if type(value) is list:  # a map's chunk of results, or a list from apply
+                    value = wire.pack_numbers(value,
+                                              records=kind != wire.MAP and kind != wire.STARMAP)
             result = (True, value)
             value = None
+        except _PartUnpicklable as e:
+            result = (False, MaybeEncodingError(e.err, e.value))
+            e = None
         except BaseException as e:  # noqa: BLE001 - the task's failure, whatever it raised
             result = _failure(e)
             e = None
