@@ -340,8 +340,10 @@ class Pool:
                           for i in range(0, n, chunksize)]
             elif (pack := getattr(self._backend, "pack_chunk", None)) is not None and type(
                     iterable) in (list, tuple):
-                chunks = [Chunk(i, min(chunksize, n - i), pack(iterable, i, min(i + chunksize, n)))
-                          for i in range(0, n, chunksize)]
+                chunks = []
+                for i in range(0, n, chunksize):
+                    stop = min(i + chunksize, n)
+                    chunks.append(Chunk(i, stop - i, pack(iterable, i, stop)))
             else:
                 chunks = []
                 it = iter(iterable)

@@ -12,9 +12,9 @@
 
 /* The items seq[start:stop] of the list or tuple args[0], with args[1] and args[2] the
  * optional start and stop (stop None: len(seq); 0 <= start <= stop <= len(seq), else
- * ValueError): 1 with *items
- * and *n set, 0 when seq is not an exact list or tuple, -1 with an exception set. The
- * items are borrowed: the caller runs no Python code while it reads them. */
+ * ValueError): 1 with *items and *n set, 0 when seq is not an exact list or tuple or the
+ * range is empty, -1 with an exception set. The items are borrowed: the caller runs no
+ * Python code while it reads them. */
 static int
 pack_range(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject ***items,
            Py_ssize_t *n)
@@ -40,15 +40,16 @@ pack_range(const char *name, PyObject *const *args, Py_ssize_t nargs, PyObject *
             }
         }
         if (start < 0 || stop < start || stop > len) {
-            PyErr_Format(PyExc_ValueError, "%s: start and stop must have 0 <= start <= stop <= "
-                                           "len(seq)",
+            PyErr_Format(PyExc_ValueError,
+                         "%s: start and stop must have 0 <= start <= stop <= "
+                         "len(seq)",
                          name);
             return -1;
         }
     }
     *items = PySequence_Fast_ITEMS(seq) + start;
     *n = stop - start;
-    return 1;
+    return *n > 0;
 }
 
 /* pack_numbers(seq[, start, stop], /) -> (typecode, bytes) | None */
@@ -60,9 +61,6 @@ pp_pack_numbers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     int r = pack_range("pack_numbers", args, nargs, &items, &n);
     if (r <= 0) {
         return r < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    if (n == 0) {
-        Py_RETURN_NONE;
     }
     char code;
     if (PyLong_CheckExact(items[0])) {
@@ -427,9 +425,6 @@ pp_pack_records(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     int r = pack_range("pack_records", args, nargs, &items, &n);
     if (r <= 0) {
         return r < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    if (n == 0) {
-        Py_RETURN_NONE;
     }
     rec_packer pk;
     r = rec_start(&pk, items[0], n);

@@ -122,23 +122,30 @@ def iter_records(buf):
     return itertools.chain.from_iterable(_record_parts(buf))
 
 
-def pack_args(seq, start=0, stop=None, _pack_numbers=_core.pack_numbers,
-              _pack_records=_core.pack_records):
+def _packed(seq, start, stop, records, _pack_numbers=_core.pack_numbers,
+            _pack_records=_core.pack_records):
+    """seq[start:stop] packed (see codec.c) as _Numbers, or as ``records`` (a stand-in class,
+    or None: not as records); None when it is too short or does not pack."""
+    if stop - start >= _tunables.PACK_MIN:
+        packed = _pack_numbers(seq, start, stop)
+        if packed is not None:
+            return _Numbers(*packed)
+        packed = _pack_records(seq, start, stop) if records is not None else None
+        if packed is not None:
+            return records(packed)
+    return None
+
+
+def pack_args(seq, start=0, stop=None):
     """As :func:`pack_numbers`, for a chunk of arguments the worker only iterates over once
     (records unpickle as an iterator, see :class:`_RecordsIter`): ``seq``'s items
     ``start .. stop-1``, read in place (no reference is taken to each, so under fork the
     pages the workers share with the parent stay shared); a tuple of them when they do not
     pack (``seq`` itself when it is the whole of it)."""
     whole = start == 0 and stop is None
-    if stop is None:
-        stop = len(seq)
-    if stop - start >= _tunables.PACK_MIN:
-        packed = _pack_numbers(seq, start, stop)
-        if packed is not None:
-            return _Numbers(*packed)
-        packed = _pack_records(seq, start, stop)
-        if packed is not None:
-            return _RecordsIter(packed)
+    packed = _packed(seq, start, len(seq) if stop is None else stop, _RecordsIter)
+    if packed is not None:
+        return packed
     return seq if whole else tuple(seq[start:stop])
 
 
@@ -146,20 +153,13 @@ def pack_args(seq, start=0, stop=None, _pack_numbers=_core.pack_numbers,
 PACKED = (_Numbers, _RecordsIter)
 
 
-def pack_numbers(seq, records=True, _pack_numbers=_core.pack_numbers,
-                 _pack_records=_core.pack_records):
+def pack_numbers(seq, records=True):
     """``seq`` itself, or for a long list or tuple of only exact ints (within int64) or only
     exact floats, or (``records``) of plain records (see codec.c), a stand-in that pickles it
     several times faster. It unpickles as a list: use it only where a list is what the
     receiver needs."""
-    if len(seq) >= _tunables.PACK_MIN:
-        packed = _pack_numbers(seq)
-        if packed is not None:
-            return _Numbers(*packed)
-        packed = _pack_records(seq) if records else None
-        if packed is not None:
-            return _Records(packed)
-    return seq
+    packed = _packed(seq, 0, len(seq), _Records if records else None)
+    return seq if packed is None else packed
 
 
 def _header(tid, bufs, plen, flags):
