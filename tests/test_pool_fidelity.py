@@ -406,3 +406,21 @@ def test_no_fork_hazard_from_our_own_runtime_or_numpy():
 
     pp.kernels.fib.map([25] * 4, threads=2)
     assert context.fork_hazard() is None
+
+
+def test_openmp_runtimes_are_those_mapped_into_the_process():
+    """The loader's list (read instead of /proc/self/maps, which costs a pool's creation
+    1-2 ms in a process with numpy imported) names the same OpenMP runtimes as the maps."""
+    from pyparallel._pool import context
+
+    mapped = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.rsplit(" ", 1)[-1].strip()
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(("libgomp", "libiomp", "libomp")) and ".so" in name:
+                mapped.add(path)
+    found = context._openmp_runtimes()
+    assert {os.path.realpath(p) for p in found} == {os.path.realpath(p) for p in mapped}
+    assert pp._core.loaded_objects()  # and the list is not empty whatever is linked
+    assert any(p.endswith(os.path.basename(pp._core.__file__)) for p in pp._core.loaded_objects())

@@ -31,6 +31,8 @@ import warnings
 import multiprocessing.spawn as _spawn
 import threading
 
+from .. import _core
+
 __all__ = ["resolve", "method_name", "no_main", "fork_hazard", "warn_fork_hazard"]
 
 
@@ -91,23 +93,22 @@ def no_main():
         _tls.no_main = old
 
 
-_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
 _SYSTEM_DIRS = ("/usr/lib", "/lib", "/usr/local/lib")
 _warned = []
 
 
+_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
+
+
 def _openmp_runtimes():
-    """Paths of the OpenMP runtimes mapped into this process."""
+    """Paths of the OpenMP runtimes loaded into this process (from the dynamic loader's own
+    list: reading /proc/self/maps costs a pool's creation 1-2 ms in a process that has
+    imported numpy, scipy and the like)."""
     found = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(" ", 1)[-1].strip()
-                name = path.rsplit("/", 1)[-1]
-                if name.startswith(_OPENMP_NAMES) and ".so" in name:
-                    found.add(path)
-    except OSError:
-        pass
+    for path in _core.loaded_objects():
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(_OPENMP_NAMES) and ".so" in name:
+            found.add(path)
     return found
 
 
