@@ -3,6 +3,7 @@ joblib (loky) and mpire (when installed), serial as the reference, in one run.
 
 Workloads (2 workers by default, or --workers N):
   W1 tiny tasks     map(square, range(200_000)) on a warm pool          us per task
+                    (pyparallel also with progress=True: a tqdm bar on stderr)
   W2 coarse CPU     naive Python fib over [30,29,28,27,26,25]*2, chunksize 1   speedup vs serial
   W3 tuples         map(f, items) over 2,000,000 ("type1", i) tuples, f returning
                     (kind, i, i * w[kind]) (default chunksize)                  us per item
@@ -51,6 +52,10 @@ try:
     import mpire
 except ImportError:  # pragma: no cover
     mpire = None
+try:
+    import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
 
 
 def square(x):
@@ -205,6 +210,10 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
         xs = range(n1)
         cases = [("serial", None, lambda _: [square(x) for x in xs])]
         cases += [(lib.name, lib, lambda p, lib=lib: lib.map(p, square, xs, None)) for lib in libs]
+        # the cost of a progress bar (tqdm, advanced as chunks finish): same pool, same run
+        if tqdm is not None:
+            cases.insert(2, ("pyparallel progress", libs[0],
+                             lambda p: p.map(square, xs, progress=True)))
         measure("W1 tiny tasks", cases, reps, lambda t, m: t / n1 * 1e6, "us/task")
 
     if "W2" in only:  # coarse CPU tasks

@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-NOT_LIBRARIES = {"serial", "bare os.fork+exit", "multiprocessing"}
+NOT_LIBRARIES = {"serial", "bare os.fork+exit", "multiprocessing", "pyparallel progress"}
 # Fixed colours, so that a library looks the same in every chart.
 COLOURS = {"pyparallel": "#d62728", "concurrent.futures": "#1f77b4",
            "joblib (loky)": "#2ca02c", "mpire": "#9467bd"}

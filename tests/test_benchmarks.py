@@ -44,6 +44,7 @@ def test_bench_pool_quick(tmp_path):
               "W7 startup forkserver", "W7 startup spawn", "W8 latency", "W5 big arguments",
               "W6 big results"):
         assert (w, "pyparallel") in seen and (w, "multiprocessing") in seen
+    assert ("W1 tiny tasks", "pyparallel progress") in seen  # tqdm is a test extra
     assert ("W7 startup fork", "bare os.fork+exit") in seen
     mp_rows = [r for r in data["rows"] if r["library"] == "multiprocessing"]
     assert all(r["vs_mp"] == 1.0 for r in mp_rows)
