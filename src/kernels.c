@@ -862,7 +862,14 @@ pp_atomic_exact(PyObject *o)
 /* Shared by the scalar call (threads == 1) and .map(). The items go by blocks: convert
  * (GIL held: unpack, weights[kind], fast forms), multiply, build the result tuples. A
  * product Python computes is made during the conversion, in the comprehension's order; the
- * others run no Python code. Errors are the comprehension's, raised at the same item. */
+ * others run no Python code. Errors are the comprehension's, raised at the same item.
+ *
+ * A list is read as the comprehension reads it, live: item i when its turn comes, while i
+ * is below the list's length at that moment (Python code run by the conversion may shrink
+ * or grow it, and the result is then the comprehension's). Each item read is held (a
+ * reference in `owned`) until its block is built, so that kind and number, borrowed from
+ * it, outlive any change to the list. No snapshot: copying a long list into a tuple, and
+ * releasing that, cost a fifth of the call. Other iterables are snapshotted. */
 static PyObject *
 pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int threads,
                      PyObject *token)
@@ -870,11 +877,12 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
     if (token != NULL && atomic_load(pp_token_flag(token))) {
         return pp_raise_cancelled(module); /* before any work */
     }
-    PyObject *py_seq = pp_fast_items(items, "weighted_multiply()");
+    int live = PyList_CheckExact(items);
+    PyObject *py_seq = live ? Py_NewRef(items) : pp_fast_items(items, "weighted_multiply()");
     if (py_seq == NULL) {
         return NULL;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(py_seq);
+    Py_ssize_t n = live ? PyList_GET_SIZE(py_seq) : PyTuple_GET_SIZE(py_seq);
     /* .map's threads: the products are the only part that could run without the GIL, and
      * they take about 1% of the call (measured: benchmarks/bench_kernels.py); waking a team
      * for them per block costs more than it saves, so every block runs on the caller. */
@@ -886,9 +894,10 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
     int ncache = 0;
     Py_ssize_t nowned = 0;
     /* Per item of a block: kind, number, weight (borrowed), their fast forms, the product;
-     * `owned`: the references the block took (unpacked non-tuples, uncached weights). */
+     * `owned`: the references the block took (a list's items, unpacked non-tuples' kinds and
+     * numbers, uncached weights: at most 4 per item). */
     PyObject **py_refs = PyMem_Malloc(cap * 3 * sizeof(PyObject *));
-    PyObject **py_owned = PyMem_Malloc(cap * 3 * sizeof(PyObject *));
+    PyObject **py_owned = PyMem_Malloc(cap * 4 * sizeof(PyObject *));
     PyObject **py_prods = PyMem_Calloc(cap, sizeof(PyObject *)); /* products made by Python */
     pp_num *num = PyMem_Malloc(sizeof(pp_num) * cap);
     pp_num *wt = PyMem_Malloc(sizeof(pp_num) * cap);
@@ -911,13 +920,31 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
         PyObject_GC_UnTrack(py_seq);
     }
     PyObject_GC_UnTrack(py_list);
-    for (Py_ssize_t lo = 0; lo < n; lo += block) {
-        Py_ssize_t bn = n - lo < block ? n - lo : block;
+    Py_ssize_t produced = 0; /* results stored: py_list's first `produced` slots */
+    int ended = 0;           /* a shortened list ended the iteration, as it ends a list's */
+    for (Py_ssize_t lo = 0; !ended; lo = produced) {
+        Py_ssize_t size = live ? PyList_GET_SIZE(py_seq) : n;
+        if (lo >= size) {
+            break;
+        }
+        Py_ssize_t bn = size - lo < (Py_ssize_t)cap ? size - lo : (Py_ssize_t)cap;
         for (Py_ssize_t j = 0; j < bn; j++) {
             Py_ssize_t i = lo + j;
-            PyObject *it = PyTuple_GET_ITEM(py_seq, i), *kind, *number, *weight = NULL;
+            if (live && i >= PyList_GET_SIZE(py_seq)) {
+                bn = j; /* the list was shortened: the comprehension stops here too */
+                ended = 1;
+                break;
+            }
+            PyObject *it, *kind, *number, *weight = NULL;
+            if (live) {
+                it = Py_NewRef(PyList_GET_ITEM(py_seq, i));
+                py_owned[nowned++] = it; /* held until the block is built */
+            }
+            else {
+                it = PyTuple_GET_ITEM(py_seq, i); /* the snapshot holds it */
+            }
             if (PyTuple_CheckExact(it) && PyTuple_GET_SIZE(it) == 2) {
-                kind = PyTuple_GET_ITEM(it, 0); /* the snapshot keeps the tuple, which keeps them */
+                kind = PyTuple_GET_ITEM(it, 0); /* the tuple, held, keeps them */
                 number = PyTuple_GET_ITEM(it, 1);
             }
             else {
@@ -1010,7 +1037,17 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
                  * itself would at its first pass over it */
                 PyObject_GC_UnTrack(py_t);
             }
-            PyList_SET_ITEM(py_list, lo + j, py_t); /* steals py_t */
+            if (lo + j < n) {
+                PyList_SET_ITEM(py_list, lo + j, py_t); /* steals py_t */
+            }
+            else { /* the list grew while it was read: so does the result */
+                int r = PyList_Append(py_list, py_t);
+                Py_DECREF(py_t);
+                if (r < 0) {
+                    goto error;
+                }
+            }
+            produced = lo + j + 1;
         }
         for (Py_ssize_t k = 0; k < nowned; k++) {
             Py_DECREF(py_owned[k]);
@@ -1019,6 +1056,10 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
         if (pp_convert_check(module, token, lo + bn - 1) < 0) {
             goto error;
         }
+    }
+    if (produced < n) { /* the list was shortened while it was read: the slots past the end
+                           * are empty (NULL) */
+        Py_SET_SIZE(py_list, produced);
     }
     PyObject_GC_Track(py_list);
     goto done;

@@ -387,7 +387,8 @@ def test_bulk_kernel_releases_the_gil():
 
 # ---- inputs changed by Python code during conversion (issue 8, point 1) ----
 # Each case crashed (exit 139) when the C code re-read the caller's list after running
-# Python code; the inputs are now a snapshot, so the result is that of the snapshot. They
+# Python code; the inputs are now a snapshot, so the result is that of the snapshot (but
+# weighted_multiply reads a list live, as the comprehension does). They
 # run in a subprocess so that a regression fails the test instead of killing pytest.
 
 MUTATION_PRELUDE = '''
@@ -420,15 +421,30 @@ MUTATION_CASES = {
     "square.map-large": ("xs = [0] + list(range(100_000)); xs[0] = ClearsOnMul(xs, 7); "
                          "r = square.map(xs, threads=2); print(r[0], r[-1], len(r))",
                          "49 9999800001 100001"),
+    # weighted_multiply reads a list live, as the comprehension it replaces does: the result
+    # is the comprehension's, computed in the same process on a fresh copy
     "weighted_multiply": ("items = [('a', 1), ('b', 2), ('a', 3)]; "
-                          "print(weighted_multiply(items, ClearingWeights(items)))",
-                          "[('a', 1, 2), ('b', 2, 6), ('a', 3, 6)]"),
+                          "r = weighted_multiply(items, ClearingWeights(items)); "
+                          "items = [('a', 1), ('b', 2), ('a', 3)]; w = ClearingWeights(items); "
+                          "print(r, r == [(k, n, n * w[k]) for k, n in items])",
+                          "[('a', 1, 2)] True"),
     "weighted_multiply.map": ("items = [('a', 1), ('b', 2), ('a', 3)]; "
-                              "print(weighted_multiply.map(items, ClearingWeights(items)))",
-                              "[('a', 1, 2), ('b', 2, 6), ('a', 3, 6)]"),
+                              "r = weighted_multiply.map(items, ClearingWeights(items), threads=2); "
+                              "print(r)", "[('a', 1, 2)]"),
     "weighted_multiply-index": ("items = [('a', 0), ('b', 2)]; items[0] = ('a', ClearsOnMul(items, 4)); "
-                                "print(weighted_multiply(items, {'a': 5, 'b': 3})[1])",
+                                "r = weighted_multiply(items, {'a': 5, 'b': 3}); "
+                                "print(len(r), r[0][2])", "1 16"),
+    "weighted_multiply-tuple": ("items = [('a', 0), ('b', 2)]; items[0] = ('a', ClearsOnMul(items, 4)); "
+                                "print(weighted_multiply(tuple(items), {'a': 5, 'b': 3})[1])",
                                 "('b', 2, 6)"),
+    "weighted_multiply-grows": ("items = [('a', 1)]\n"
+                                "class Grows(dict):\n"
+                                "    def __getitem__(self, k):\n"
+                                "        if len(items) < 5000: items.append(('b', len(items)))\n"
+                                "        return dict.__getitem__(self, k)\n"
+                                "r = weighted_multiply(items, Grows(a=2, b=3))\n"
+                                "print(len(r), r[-1], r == [(k, n, n * (2 if k == 'a' else 3)) "
+                                "for k, n in items])", "5000 ('b', 4999, 14997) True"),
     "Channel.wait": ("import os; ch = _core.Channel(1, 4096, 4096); r, w = os.pipe(); "
                      "os.write(w, b'x'); fds = [0, r, r]; fds[0] = ClearsOnFileno(fds, r); "
                      "print(ch.wait(fds, 5)); ch.close()", "True"),
