@@ -1058,7 +1058,7 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
         }
     }
     if (produced < n) { /* the list was shortened while it was read: the slots past the end
-                           * are empty (NULL) */
+                         * are empty (NULL) */
         Py_SET_SIZE(py_list, produced);
     }
     PyObject_GC_Track(py_list);
