@@ -41,7 +41,11 @@ bench: build
 
 # Memory checking: the test suite against an AddressSanitizer + UBSan build of _core
 # (detect_leaks=0: CPython itself does not free everything at exit), then back to the
-# normal build.
+# normal build. Known artifact: gcc 12's ASan allocator has no fork handler, so a child forked
+# while another thread of the parent is inside malloc can block for ever on the allocator's
+# lock at its first allocation (seen with gdb in pyparallel's, multiprocessing's and mpire's
+# workers alike); such a test fails by its timeout. glibc's own malloc takes its locks
+# around fork, so normal builds are not affected.
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 asan: $(VENV)/.installed
 	$(BUILD_ENV) PYPARALLEL_SANITIZE=1 $(VPY) setup.py -q build_ext --inplace --force
@@ -50,16 +54,19 @@ asan: $(VENV)/.installed
 	  $(VPY) -m pytest -q -p no:cacheprovider -m "not stress" $(PYTEST_ARGS); \
 	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; exit $$rc
 
-# The in-process tests of the C code (kernels, fork safety, codec, channel, shared memory)
-# under valgrind memcheck (slow). The interpreter itself is not built for valgrind and reports
-# noise of its own, so only errors with a frame in _core fail the run.
+# The in-process tests of the C code (kernels, fork safety, codec, channel, shared memory,
+# queues and pipes; forked children run under valgrind too, spawned ones and SIGKILL cases
+# are left out) under valgrind memcheck (slow). The interpreter itself is not built for
+# valgrind and reports noise of its own, so only errors with a frame in _core fail the run.
 valgrind: $(VENV)/.installed
 	mkdir -p build
 	$(BUILD_ENV) PYPARALLEL_DEBUG_BUILD=1 $(VPY) setup.py -q build_ext --inplace --force
 	PYTHONMALLOC=malloc valgrind -q --leak-check=no --log-file=build/valgrind.log \
 	  $(VPY) -m pytest -q -p no:cacheprovider -x tests/test_kernels.py tests/test_fork.py \
 	  tests/test_codec.py tests/test_pool_channel.py tests/test_shared.py \
-	  -k "not gil and not large" $(PYTEST_ARGS); \
+	  tests/test_queues.py tests/test_pipe.py \
+	  -k "not gil and not large and not spawn and not forkserver and not sigkill" \
+	  --hypothesis-seed=0 $(PYTEST_ARGS); \
 	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; \
 	  if grep -q "_core\.cpython" build/valgrind.log; then echo "valgrind: errors in _core, see build/valgrind.log"; exit 1; fi; \
 	  exit $$rc
