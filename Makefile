@@ -66,7 +66,7 @@ valgrind: $(VENV)/.installed
 	  tests/test_codec.py tests/test_pool_channel.py tests/test_shared.py \
 	  tests/test_queues.py tests/test_pipe.py \
 	  -k "not gil and not large and not spawn and not forkserver and not sigkill" \
-	  --hypothesis-seed=0 $(PYTEST_ARGS); \
+	  --hypothesis-seed=0 --timeout 900 $(PYTEST_ARGS); \
 	  rc=$$?; $(BUILD_ENV) $(VPY) setup.py -q build_ext --inplace --force; \
 	  if grep -q "_core\.cpython" build/valgrind.log; then echo "valgrind: errors in _core, see build/valgrind.log"; exit 1; fi; \
 	  exit $$rc
