@@ -920,9 +920,9 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
         PyObject_GC_UnTrack(py_seq);
     }
     PyObject_GC_UnTrack(py_list);
-    Py_ssize_t produced = 0; /* results stored: py_list's first `produced` slots */
-    int ended = 0;           /* a shortened list ended the iteration, as it ends a list's */
-    for (Py_ssize_t lo = 0; !ended; lo = produced) {
+    Py_ssize_t lo = 0; /* results stored: py_list's first `lo` slots, past each block */
+    int ended = 0;     /* a shortened list ended the iteration, as it ends a list's */
+    while (!ended) {
         Py_ssize_t size = live ? PyList_GET_SIZE(py_seq) : n;
         if (lo >= size) {
             break;
@@ -1047,7 +1047,6 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
                     goto error;
                 }
             }
-            produced = lo + j + 1;
         }
         for (Py_ssize_t k = 0; k < nowned; k++) {
             Py_DECREF(py_owned[k]);
@@ -1056,10 +1055,11 @@ pp_weighted_multiply(PyObject *module, PyObject *items, PyObject *weights, int t
         if (pp_convert_check(module, token, lo + bn - 1) < 0) {
             goto error;
         }
+        lo += bn;
     }
-    if (produced < n) { /* the list was shortened while it was read: the slots past the end
-                         * are empty (NULL) */
-        Py_SET_SIZE(py_list, produced);
+    if (lo < n) { /* the list was shortened while it was read: the slots past the end are
+                   * empty (NULL) */
+        Py_SET_SIZE(py_list, lo);
     }
     PyObject_GC_Track(py_list);
     goto done;

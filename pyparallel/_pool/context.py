@@ -93,23 +93,17 @@ def no_main():
         _tls.no_main = old
 
 
+_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
 _SYSTEM_DIRS = ("/usr/lib", "/lib", "/usr/local/lib")
 _warned = []
-
-
-_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
 
 
 def _openmp_runtimes():
     """Paths of the OpenMP runtimes loaded into this process (from the dynamic loader's own
     list: reading /proc/self/maps costs a pool's creation 1-2 ms in a process that has
     imported numpy, scipy and the like)."""
-    found = set()
-    for path in _core.loaded_objects():
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith(_OPENMP_NAMES) and ".so" in name:
-            found.add(path)
-    return found
+    names = ((path, path.rsplit("/", 1)[-1]) for path in _core.loaded_objects())
+    return {path for path, name in names if name.startswith(_OPENMP_NAMES) and ".so" in name}
 
 
 def _unknown_threads():
