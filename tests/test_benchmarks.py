@@ -26,7 +26,11 @@ def test_bench_kernels_quick(tmp_path):
     assert any("machine limit" in r["variant"] for r in data["rows"])
     assert all(r["seconds"] is None or r["seconds"] > 0 for r in data["rows"])
     assert "of limit" in stdout
-    assert any(r["variant"] == "list comprehension (reference)" for r in data["rows"])
+    variants = {r["variant"] for r in data["rows"]}
+    assert {"list comprehension (reference)", "list comprehension (reference), warm heap"} <= variants
+    wm = [r for r in data["rows"] if r["variant"].startswith("weighted_multiply(")]
+    assert [r["variant"].rsplit(", ", 1)[1] for r in wm] == ["fresh heap", "warm heap"]
+    assert all(r["speedup"] > 0 for r in wm)
 
 
 def test_bench_shared_quick(tmp_path):
