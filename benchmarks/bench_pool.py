@@ -15,8 +15,10 @@ Workloads (2 workers by default, or --workers N):
   W6 big results    32 tasks, each returning a 4 MiB float64 array (chunksize 1)   GB/s
 
 Method: the libraries take turns within each repeat (so a drift of the machine's speed is
-shared by all), each turn on a fresh pool made and warmed up outside the timed region (except
-in W7, which times exactly that) and closed after it, so one library's workers run at a time;
+shared by all; the order turns by one case each repeat, so that no library always follows
+the same one and finds the machine in the state that one left), each turn on a fresh pool made and warmed up outside the timed region (except
+in W7, which times exactly that) and closed after it, so one library's workers run at a time
+(in W7 under fork, each turn also waits until the processes of the one before have exited);
 W1, W8 and W5 run their work once untimed first (a pool in use: its buffers and caches warm).
 5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 forkserver and spawn: 3); the median is reported with the
 spread (min-max); "vs mp" is the median divided by multiprocessing.Pool's median from the
@@ -155,6 +157,41 @@ def _bare_forks(n):
         os.waitpid(pid, 0)
 
 
+def _children():
+    """The pids of this process's child processes still there (zombies included), from
+    /proc; empty where there is none."""
+    me = f"/proc/{os.getpid()}/task"
+    try:
+        tasks = os.listdir(me)
+    except OSError:
+        return []
+    kids = []
+    for t in tasks:
+        try:
+            with open(f"{me}/{t}/children") as f:
+                kids += f.read().split()
+        except OSError:
+            pass
+    return kids
+
+
+def _settle(background, limit=2.0):
+    """Wait (at most `limit` s) until the processes the previous turn started are gone (all
+    children but those of `background`, there before the turns began), so that their exits
+    do not run inside the next turn's timed region."""
+    deadline = time.monotonic() + limit
+    while set(_children()) - background and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return "?"
+
+
 def _time_once(fn):
     t0 = time.perf_counter()
     fn()
@@ -183,16 +220,23 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
 
     repeats_override = repeats
 
-    def measure(workload, cases, repeats, metric, unit, warm=True, rehearse=True):
+    def measure(workload, cases, repeats, metric, unit, warm=True, rehearse=True,
+                settle=False):
         """cases: [(name, lib or None, fn(pool))]. The cases take turns within each repeat,
-        so a drift of the machine's speed is shared by all. With warm=True each turn gets a
+        so a drift of the machine's speed is shared by all, in an order that turns by one
+        each repeat. With settle=True each turn first waits for the processes of the one
+        before to be gone. With warm=True each turn gets a
         fresh pool, warmed up outside the timed region (and with rehearse=True, given the
         same work once untimed: the steady state of a pool in use) and closed after it (one
         library's pool at a time: idle workers of the others cannot disturb it); otherwise
         fn makes its own. metric(median, medians) -> the reported number."""
         times = {name: [] for name, _, _ in cases}
-        for _ in range(repeats_override or repeats):
-            for name, lib, fn in cases:
+        background = set(_children())
+        for r in range(repeats_override or repeats):
+            k = r % len(cases)
+            for name, lib, fn in cases[k:] + cases[:k]:
+                if settle:
+                    _settle(background)
                 pool = _warm(lib) if (warm and lib is not None) else None
                 try:
                     if rehearse:
@@ -237,6 +281,8 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
         del items, wrapped
 
     if "W7" in only:  # start-up
+        # a fork copies the page tables of this process: its size sets the floor
+        print(f"  W7: this process's resident memory is {_rss_mb()} MB", file=sys.stderr)
         for method in ("fork", "forkserver", "spawn"):
             cases = []
             for lib in libs:
@@ -254,7 +300,7 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
                 cases.insert(0, ("bare os.fork+exit", None, lambda _: _bare_forks(workers)))
             r7 = (5 if quick else 15) if method == "fork" else (2 if quick else 3)
             measure(f"W7 startup {method}", cases, r7, lambda t, m: t * 1e3, "ms", warm=False,
-                    rehearse=False)
+                    rehearse=False, settle=method == "fork")
 
     if "W8" in only:  # round-trip latency
         n8 = 300 if quick else 1000
