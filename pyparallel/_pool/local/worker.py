@@ -12,7 +12,8 @@ import itertools
 import os
 import pickle
 import reprlib
-import signal
+
+import _signal
 
 from multiprocessing.pool import ExceptionWithTraceback, MaybeEncodingError
 
@@ -21,6 +22,10 @@ from .. import identity
 from . import spill, wire
 
 __all__ = ["main"]
+
+# Made here, once, in the parent (a forked worker that made it would copy the pages of the
+# pickler's code and data on first touch: every page a new worker writes costs it a copy)
+_READY = wire.encode(wire.READY_TID, None)
 
 
 def _run(func, args, kind, _pack_iter=_core.pack_iter):
@@ -114,9 +119,12 @@ class _Functions:
 
 def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None, gen=0):
     # Ctrl-C is the parent's business: it cancels calls and replaces workers itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (_signal's own signal(): signal.signal's conversion of the old handler to an enum
+    # raises and catches a ValueError, a tenth of a forked worker's start-up)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     # Kernels run inside workers share the CPUs with the other workers: cores / workers each.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if "OMP_NUM_THREADS" not in os.environ:  # (setdefault would raise and catch a KeyError)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     _core.set_default_threads(threads)
     try:
         ch = _core.Channel.attach(parent_pid, fd, pipe_fd)
@@ -148,7 +156,7 @@ def main(parent_pid, fd, pipe_fd, slot, init, maxtasks, threads=1, claims=None, 
             except BaseException:  # noqa: BLE001
                 ch.send(slot, wire.encode(wire.INIT_FAILED_TID, RuntimeError(repr(e))))
             os._exit(1)
-    ch.send(slot, wire.encode(wire.READY_TID, None))
+    ch.send(slot, _READY)
     funcs = _Functions()
     spin_usec = _tunables.WORKER_SPIN_US
     spills = spill.SpillCache()
