@@ -2,9 +2,10 @@
 
 Method
 ------
-- Each measurement is the median of ``--repeats`` runs. weighted_multiply and the list
-  comprehension it replaces are interleaved (one run of each per round), so slow drift of a
-  shared VM hits both alike. Both build the same result (a million tuples and ints), so that
+- Each measurement is the median of ``--repeats`` runs. A kernel's bulk form at the
+  different thread counts is interleaved (one run of each per round), and so are
+  weighted_multiply and the list comprehension it replaces, so that slow drift of a shared
+  VM hits the variants compared alike. Both build the same result (a million tuples and ints), so that
   comparison is made twice: on a fresh heap, where each run maps and faults in the ~100 MB of
   new objects (the state of a new process: the allocator hands freed memory back to the
   system), and on a warm heap, where memory freed earlier is still mapped (the usual state of
@@ -178,10 +179,11 @@ def main(argv=None):
                          threads=1, seconds=t["kernel"], speedup=t["lc"] / t["kernel"],
                          efficiency=t["lc"] / t["kernel"], of_limit=None))
     del ballast
-    for name, label, fn in others:
-        t1, _ = median_time(lambda: fn(1), repeats)
+    for name, label, fn in others:  # each thread count's runs interleaved with the others'
+        t = interleaved_medians({p: (lambda p=p: fn(p)) for p in levels}, repeats)
+        t1 = t[1]
         for p in levels:
-            tp = t1 if p == 1 else median_time(lambda: fn(p), repeats)[0]
+            tp = t[p]
             rows.append(dict(kernel=name, variant=f"{label}, threads={p}", threads=p, seconds=tp,
                              speedup=t1 / tp, efficiency=t1 / tp / p, of_limit=None))
 
