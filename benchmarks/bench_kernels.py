@@ -5,11 +5,11 @@ Method
 - Each measurement is the median of ``--repeats`` runs. A kernel's bulk form at the
   different thread counts is interleaved (one run of each per round), and so are
   weighted_multiply and the list comprehension it replaces, so that slow drift of a shared
-  VM hits the variants compared alike. Both build the same result (a million tuples and ints), so that
-  comparison is made twice: on a fresh heap, where each run maps and faults in the ~100 MB of
-  new objects (the state of a new process: the allocator hands freed memory back to the
-  system), and on a warm heap, where memory freed earlier is still mapped (the usual state of
-  a long-running program).
+  VM hits the variants compared alike. Those two build the same result (a million tuples
+  and ints), so they are compared twice: on a fresh heap, where each run maps and faults in
+  the ~100 MB of new objects (the state of a new process: the allocator hands freed memory
+  back to the system), and on a warm heap, where memory freed earlier is still mapped (the
+  usual state of a long-running program).
 - Speedup is against the same kernel's .map on 1 thread, measured in the same run.
 - The *machine limit* for P-way parallelism is what P independent processes reach: one forked
   process runs the scalar kernel over a share of the work, then P processes each run the same
@@ -165,11 +165,11 @@ def main(argv=None):
     # their memory mapped and faulted in for the runs to reuse
     wm_fns = {"lc": lambda: [(k, n, n * wm_weights[k]) for k, n in wm_items],
               "kernel": lambda: kernels.weighted_multiply(wm_items, wm_weights)}
-    for heap in ("fresh heap", "warm heap"):
-        if heap == "warm heap":
+    ballast = None
+    for heap, suffix in (("fresh heap", ""), ("warm heap", ", warm heap")):
+        if suffix:
             ballast = [(i, i + 10**6, None) for i in range(3 * len(wm_items))][::500]
         t = interleaved_medians(wm_fns, max(repeats, 5))
-        suffix = "" if heap == "fresh heap" else ", warm heap"
         rows.append(dict(kernel="weighted_multiply",
                          variant=f"list comprehension (reference){suffix}", threads=1,
                          seconds=t["lc"], speedup=1.0, efficiency=1.0, of_limit=None))

@@ -16,9 +16,10 @@ Workloads (2 workers by default, or --workers N):
 
 Method: the libraries take turns within each repeat (so a drift of the machine's speed is
 shared by all; the order turns by one case each repeat, so that no library always follows
-the same one and finds the machine in the state that one left), each turn on a fresh pool made and warmed up outside the timed region (except
-in W7, which times exactly that) and closed after it, so one library's workers run at a time
-(in W7 under fork, each turn also waits until the processes of the one before have exited);
+the same one and finds the machine in the state that one left), each turn on a fresh pool
+made and warmed up outside the timed region (except in W7, which times exactly that) and
+closed after it, so one library's workers run at a time (in W7 under fork, each turn also
+waits until the processes of the one before have exited);
 W1, W8 and W5 run their work once untimed first (a pool in use: its buffers and caches warm).
 5 repeats (--quick: 3; W2: 3, W7 fork: 15, W7 forkserver and spawn: 3); the median is reported with the
 spread (min-max); "vs mp" is the median divided by multiprocessing.Pool's median from the
@@ -231,7 +232,7 @@ def run(workers, quick, only=WORKLOADS, repeats=None):
         library's pool at a time: idle workers of the others cannot disturb it); otherwise
         fn makes its own. metric(median, medians) -> the reported number."""
         times = {name: [] for name, _, _ in cases}
-        background = set(_children())
+        background = set(_children()) if settle else None
         for r in range(repeats_override or repeats):
             k = r % len(cases)
             for name, lib, fn in cases[k:] + cases[:k]:
