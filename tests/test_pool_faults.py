@@ -395,3 +395,57 @@ def test_terminate_stops_kernels_the_pool_runs():
             t.name == "pyparallel-kernel" for t in threading.enumerate()):
         time.sleep(0.05)
     assert not [t for t in threading.enumerate() if t.name == "pyparallel-kernel"]
+
+
+# ---- a forked child never frees what its parent still uses ----
+
+_FORK_CHILD_SCRIPT = """
+import gc, multiprocessing, os, sys
+import numpy as np
+import pyparallel as pp
+
+def big(v):
+    return np.full(1 << 18, v, dtype=np.int64)  # 2 MiB: returned through a result segment
+
+held = {}
+
+def child():
+    held.clear()  # the child lets go of its copies of the parent's views
+    gc.collect()
+
+if __name__ == "__main__":
+    ctx, how = sys.argv[1], sys.argv[2]
+    with pp.Pool(1, context=ctx) as pool:
+        held["kept"] = pool.map(big, [7])[0]
+        # a child forked while this process holds views of the segment exits normally:
+        # its finalizers and atexit handlers run
+        if how == "os.fork":
+            pid = os.fork()
+            if pid == 0:
+                child()
+                sys.exit(0)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        else:
+            p = multiprocessing.get_context("fork").Process(target=child)
+            p.start()
+            p.join()
+            assert p.exitcode == 0
+        later = pool.map(big, [9])[0]  # the same worker writes its next big result
+        assert int(later[0]) == 9 and int(later[-1]) == 9
+        kept = held["kept"]
+        print(int(kept.min()), int(kept.max()))
+"""
+
+
+@pytest.mark.parametrize("how", ["os.fork", "mp-fork-process"])
+def test_forked_child_does_not_free_the_parents_result_segment(pool_context, how, tmp_path):
+    pytest.importorskip("numpy")
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD_SCRIPT)
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(script), pool_context, how], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["7", "7"], "the kept result was overwritten"

@@ -1033,9 +1033,15 @@ class _MappedResult:
 
 
 def _result_freed(engine_ref, word, tag):
-    """The last view of a result segment is gone: its worker may write it again."""
+    """The last view of a result segment is gone: its worker may write it again.
+
+    Only in the engine's own process: a child forked from it holds copies of the same views
+    (and runs this finalizer at its exit), while the parent's views still read the segment.
+    os.getpid(), not _my_pid: a child forked without the at-fork handlers must not pass."""
     eng = engine_ref()
-    claims = eng.claims if eng is not None else None
+    if eng is None or eng.pid != os.getpid():
+        return
+    claims = eng.claims
     if claims is not None:
         claims.compare_exchange(word, tag, spill.R_FREE)
 
