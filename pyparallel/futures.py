@@ -71,6 +71,8 @@ IN_FLIGHT_PER_WORKER = 2
 MAX_BATCH = 512
 #: ... and at least this many tasks per worker
 TASKS_PER_WORKER = 8
+#: seconds the callback thread waits for more callbacks before it leaves
+CALLBACK_LINGER = 1.0
 
 
 class BrokenWorkerError(BrokenProcessPool, WorkerLostError):
@@ -155,20 +157,54 @@ class _Batch:
 class Future(_base.Future):
     """A ``concurrent.futures.Future`` whose ``result()``/``exception()`` first wait on the
     pool's own result (``AsyncResult.wait``), which collects a result that comes within
-    microseconds itself instead of waiting for the pool's collector thread to wake."""
+    microseconds itself instead of waiting for the pool's collector thread to wake.
+
+    Its done-callbacks run on its executor's callback thread (as the stdlib's run on the
+    executor's manager thread), never on the thread that delivers results: a callback that
+    blocks (on another future's result, say) holds up only the callbacks after it."""
 
     _pp_async = None  # the pool's AsyncResult, once the call was handed to the pool
+    _pp_core = None  # the executor's _Core, which runs the callbacks
+    _pp_defer_cancel = False  # cancelled by the executor: callbacks on its thread too
 
     def _pp_wait(self, timeout):
+        # Ctrl-C interrupts this wait only: the call goes on and the future completes
+        # (cancel() is what cancels a call), as with the stdlib.
         ar = self._pp_async
         if ar is None or self._state == _base.FINISHED:
             return timeout
         if timeout is None:
-            ar.wait()
+            ar._wait()
             return None
         end = time.monotonic() + timeout
-        ar.wait(timeout)
+        ar._wait(timeout)
         return max(0.0, end - time.monotonic())
+
+    def _invoke_callbacks(self):
+        # A future cancelled by the user's cancel() runs its callbacks in that thread, as
+        # in the stdlib; a finished one (or one the executor cancels) on the callback thread.
+        core = self._pp_core
+        if core is None or not self._done_callbacks or (
+                self._state != _base.FINISHED and not self._pp_defer_cancel):
+            super()._invoke_callbacks()
+        else:
+            core.defer_callbacks(self)
+
+    def _pp_cancel(self):
+        """cancel() by the executor (shutdown's cancel_futures)."""
+        self._pp_defer_cancel = True
+        return self.cancel()
+
+
+def _run_callbacks(future):
+    """A future's done-callbacks. An exception of any kind from one is logged as the stdlib
+    logs an Exception (a SystemExit or KeyboardInterrupt there kills the executor's manager
+    thread, after which its futures never complete): it ends that callback only."""
+    for callback in future._done_callbacks:
+        try:
+            callback(future)
+        except BaseException:  # noqa: BLE001 - see above
+            _base.LOGGER.exception("exception calling callback for %r", future)
 
     def result(self, timeout=None):
         return super().result(self._pp_wait(timeout))
@@ -227,6 +263,10 @@ class _Core:
         self.shutdown = False
         self.broken = None  # message once the executor cannot run calls
         self.released = False
+        # done-callbacks to run (futures), on callback_thread while there are some
+        self.callbacks = collections.deque()
+        self.callbacks_pending = 0  # futures queued or running their callbacks
+        self.callback_thread = None
 
     # -- submission --
 
@@ -241,9 +281,11 @@ class _Core:
                 raise RuntimeError("cannot schedule new futures after interpreter shutdown")
             self.outstanding += 1
             if self.held or self.in_flight >= self.limit:
+                future._pp_core = self
                 self.held.append((future, call, args, kwargs, decode))
                 return
             self.in_flight += 1
+        future._pp_core = self
         future.set_running_or_notify_cancel()
         self._send(future, call, args, kwargs, decode)
 
@@ -254,22 +296,28 @@ class _Core:
         if decode:
             def done(value):
                 future._pp_async = None
-                ok, v = value
-                if ok:
-                    future.set_result(v)
-                else:
-                    future.set_exception(v)
-                core._finished()
+                try:
+                    ok, v = value
+                    if ok:
+                        future.set_result(v)
+                    else:
+                        future.set_exception(v)
+                finally:
+                    core._finished()
         else:
             def done(value):
                 future._pp_async = None
-                future.set_result(value)
-                core._finished()
+                try:
+                    future.set_result(value)
+                finally:
+                    core._finished()
 
         def failed(exc):
             future._pp_async = None
-            future.set_exception(_translate(exc, core._break))
-            core._finished()
+            try:
+                future.set_exception(_translate(exc, core._break))
+            finally:
+                core._finished()
 
         try:
             future._pp_async = self.pool.apply_async(call, args, kwargs, done, failed)
@@ -325,20 +373,58 @@ class _Core:
         if release:
             self._release()
 
+    # -- done-callbacks --
+
+    def defer_callbacks(self, future):
+        """Queue ``future``'s done-callbacks for the callback thread (started when there are
+        callbacks to run; it leaves when there have been none for a while)."""
+        with self.lock:
+            self.callbacks.append(future)
+            self.callbacks_pending += 1
+            if self.callback_thread is not None:
+                self.idle.notify_all()
+                return
+            thread = self.callback_thread = threading.Thread(
+                target=self._callback_loop, name="pyparallel-executor-callbacks", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads at interpreter shutdown: run them here
+            with self.lock:
+                self.callback_thread = None
+            self._callback_loop(linger=0)
+
+    def _callback_loop(self, linger=CALLBACK_LINGER):
+        me = threading.current_thread()
+        while True:
+            with self.lock:
+                if not self.callbacks and linger:
+                    self.idle.wait(linger)
+                if not self.callbacks:
+                    if self.callback_thread is me:
+                        self.callback_thread = None
+                    return
+                future = self.callbacks.popleft()
+            try:
+                _run_callbacks(future)
+            finally:
+                with self.lock:
+                    self.callbacks_pending -= 1
+                    if self.callbacks_pending == 0:
+                        self.idle.notify_all()
+
+    def on_callback_thread(self):
+        return self.callback_thread is threading.current_thread()
+
     # -- shutdown --
 
     def cancel_held(self):
         with self.lock:
             held, self.held = list(self.held), collections.deque()
-        n = 0
+            self.outstanding -= len(held)
+            if self.outstanding == 0:
+                self.idle.notify_all()
         for item in held:
-            item[0].cancel()
-            n += 1
-        if n:
-            with self.lock:
-                self.outstanding -= n
-                if self.outstanding == 0:
-                    self.idle.notify_all()
+            item[0]._pp_cancel()
 
     def begin_shutdown(self, cancel_futures):
         with self.lock:
@@ -351,8 +437,10 @@ class _Core:
             self._release()
 
     def wait_idle(self):
+        """Until every call submitted has completed and its future's callbacks have run (as
+        the stdlib's shutdown joins the thread running them)."""
         with self.lock:
-            while self.outstanding:
+            while self.outstanding or self.callbacks_pending:
                 self.idle.wait(0.5)
 
     def _release(self):
@@ -529,6 +617,10 @@ class ProcessPoolExecutor(_base.Executor):
         self._finalizer.detach()
         core.begin_shutdown(cancel_futures)
         if wait:
+            if core.on_callback_thread():
+                # A done-callback waiting for every callback to have run: the stdlib joins
+                # its own manager thread here and raises the same.
+                raise RuntimeError("cannot join current thread")
             core.wait_idle()
             if core.lease is None:
                 core.pool.close()

@@ -64,12 +64,16 @@ class CommandResult:
 
 def parse_commands(text: str) -> list[str]:
     """The commands of a command file: one per line, blank lines and lines whose first
-    non-blank character is ``#`` skipped (a ``#`` later in a line is left to the shell)."""
+    non-blank character is ``#`` skipped (a ``#`` later in a line is left to the shell).
+
+    Lines end at a newline (``\\n``, or ``\\r\\n``) only, as the shell reads them: a form
+    feed, a lone carriage return, U+2028 or a control character such as ``\\x1c`` (all line
+    breaks to ``str.splitlines``) is part of the command, inside quotes or not."""
     cmds = []
-    for line in text.splitlines():
+    for line in text.split("\n"):
         s = line.strip()
         if s and not s.startswith("#"):
-            cmds.append(line.rstrip())
+            cmds.append(line.rstrip(" \t\r"))
     return cmds
 
 
@@ -469,8 +473,10 @@ def _make_progress(total: int, enabled: bool, stream):
 def _prefixed(tag: str, text: str) -> str:
     if not text:
         return ""
-    lines = text.splitlines()
-    return "".join(f"{tag} {line}\n" for line in lines)
+    lines = text.split("\n")  # lines as parse_commands reads them
+    if lines[-1] == "":
+        lines.pop()
+    return "".join(f"{tag} {line.removesuffix(chr(13))}\n" for line in lines)
 
 
 def _status(r: CommandResult) -> str:
@@ -519,11 +525,18 @@ def summary(results: list[CommandResult], total: int, elapsed: float, jobs: int)
 
 
 class _Terminated(BaseException):
-    pass
+    """SIGTERM or SIGHUP (``args[0]``) reached the CLI."""
 
 
-def _on_sigterm(signum, frame):
+def _on_stop_signal(signum, frame):
     raise _Terminated(signum)
+
+
+#: Signals that stop the CLI and its commands (as Ctrl-C does), with what it reports. The
+#: commands run in sessions of their own, so a hangup of the terminal or a signal to the
+#: CLI's process group reaches only the CLI, which must pass it on. An ignored SIGHUP (nohup)
+#: stays ignored.
+_STOP_SIGNALS = {signal.SIGTERM: "terminated", signal.SIGHUP: "hung up"}
 
 
 def add_arguments(parser) -> None:
@@ -553,7 +566,7 @@ def add_arguments(parser) -> None:
 def main(args, parser) -> int:
     """Run ``python -m pyparallel run`` with parsed ``args``; returns the exit status:
     0 when every command succeeded, 1 when any failed, timed out or was not started,
-    130 after Ctrl-C (143 after SIGTERM), with every command stopped."""
+    130 after Ctrl-C (143 after SIGTERM, 129 after SIGHUP), with every command stopped."""
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"-j/--jobs must be at least 1, not {args.jobs}")
     if args.timeout is not None and not args.timeout > 0:
@@ -567,7 +580,7 @@ def main(args, parser) -> int:
         if args.file == "-":
             text = sys.stdin.read()
         else:
-            with open(args.file) as f:
+            with open(args.file, newline="") as f:  # "\r" is no line end: see parse_commands
                 text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         parser.error(f"cannot read {args.file}: {e}")
@@ -591,7 +604,12 @@ def main(args, parser) -> int:
                 progress.write(err, _prefixed(tag, r.stderr))
 
     in_main = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    old_handlers = {}
+    if in_main:
+        for sig in _STOP_SIGNALS:
+            if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue
+            old_handlers[sig] = signal.signal(sig, _on_stop_signal)
     t0 = time.monotonic()
     try:
         results = run_commands(cmds, jobs=jobs, timeout=args.timeout,
@@ -609,13 +627,14 @@ def main(args, parser) -> int:
         err.write("pyparallel run: standard output closed; every running command was "
                   "stopped\n")
         return 1
-    except _Terminated:
+    except _Terminated as e:
         progress.close()
-        err.write("pyparallel run: terminated; every running command was stopped\n")
-        return 128 + signal.SIGTERM
+        sig = e.args[0]
+        err.write(f"pyparallel run: {_STOP_SIGNALS[sig]}; every running command was stopped\n")
+        return 128 + sig
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, old in old_handlers.items():
+            signal.signal(sig, old)
     progress.close()
     err.write(summary(results, len(cmds), time.monotonic() - t0, min(jobs, len(cmds)) or jobs))
     err.flush()

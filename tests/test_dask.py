@@ -8,6 +8,7 @@ Dask-only: lost workers, an unreachable scheduler, batching, big arguments sent 
 The scheduler runs with ``allowed-failures`` 0, so that a task on a worker that dies fails
 with KilledWorker at once and the pool's own ``retries`` is the only retry layer (the default
 cluster setting, 3, reschedules such tasks itself first)."""
+import contextlib
 import gc
 import importlib.util
 import itertools
@@ -122,7 +123,14 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("dask-logs")
+    with _run_cluster(tmp_path_factory.mktemp("dask-logs")) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def _run_cluster(logs, workers=2):
+    """A scheduler and ``workers`` workers on 127.0.0.1 (each in a process group of its own:
+    ``procs[0]`` is the scheduler's), torn down with nothing left."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -142,11 +150,11 @@ def cluster(tmp_path_factory):
     try:
         start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
               "scheduler")
-        for i in range(2):
+        for i in range(workers):
             start(["worker", address, "--nthreads", "1", "--no-dashboard", "--host",
                    "127.0.0.1", "--name", f"w{i}"], f"worker{i}")
         c.client = distributed.Client(address, timeout=60, set_as_default=False)
-        c.client.wait_for_workers(2, timeout=90)
+        c.client.wait_for_workers(workers, timeout=90)
         yield c
     finally:
         if c.client is not None:
@@ -561,6 +569,47 @@ def test_big_numpy_argument_is_sent_once(dask_pool, cluster):
     assert len(big) == 1, big
     assert p._backend.scattered == 1
     assert p._backend.sent_bytes < 10 << 20  # the 50 tasks' own payloads are small
+
+
+def array_at(a, k):
+    return float(a[k])
+
+
+def test_numpy_argument_changed_in_place_is_sent_again(dask_pool):
+    np = pytest.importorskip("numpy")
+    a = np.zeros(1 << 18)  # 2 MB: scattered
+    p = dask_pool(2)
+    assert p.apply(array_at, (a, 5)) == 0.0
+    assert p.apply(array_at, (a, 6)) == 0.0  # the same data: not sent again
+    assert p._backend.scattered == 1
+    a[5] = 7.0  # in place: the same object, other data
+    assert p.apply(array_at, (a, 5)) == 7.0
+    assert p._backend.scattered == 2
+    assert p.starmap(array_at, [(a, 5), (a, 0)]) == [7.0, 0.0]  # the new data, already there
+    assert p._backend.scattered == 2
+
+
+def slow_item(x):
+    time.sleep(0.05)
+    return x
+
+
+def test_scheduler_killed_mid_map_fails_the_pools_calls_at_once(tmp_path):
+    with _run_cluster(tmp_path, workers=2) as c:
+        p = Pool(2, backend="dask", address=c.address)
+        try:
+            assert p.map(slow_item, range(4)) == [0, 1, 2, 3]
+            killer = threading.Timer(2.0, os.killpg, (c.procs[0].pid, signal.SIGKILL))
+            killer.start()
+            result = p.map_async(slow_item, range(400), chunksize=1)  # 10 s of work
+            with pytest.raises(ConnectionError, match="lost the connection to the scheduler"):
+                result.get(90)  # a hang guard: it fails as soon as the client notices
+            killer.join()
+            with pytest.raises(ConnectionError):
+                p.map(slow_item, range(4))  # and the later calls, at once
+        finally:
+            p.terminate()
+            p.join()
 
 
 def test_missing_distributed_names_the_extra_and_local_pool_never_imports_it():

@@ -406,3 +406,161 @@ def test_start_methods(pool_context, reuse):
         assert list(ex.map(square, range(40))) == [i * i for i in range(40)]
         with pytest.raises(ValueError):
             ex.submit(raise_value_error, "x").result(60)
+
+
+# ---- done-callbacks, re-entrant shutdown, interrupted waits (issue 26) ----------------------
+
+
+def sleep_then(x, seconds):
+    time.sleep(seconds)
+    return x
+
+
+def _run_fresh(tmp_path, body, *args, limit=120):
+    """``body`` as a script in a fresh interpreter (argv: ``args``); a hang fails the test
+    at ``limit`` seconds."""
+    script = tmp_path / "case.py"
+    script.write_text(body)
+    import subprocess
+    import sys
+
+    try:
+        return subprocess.run([sys.executable, str(script), *map(str, args)],
+                              capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung (no exit in {limit} s): {e.stdout!r} {e.stderr!r}")
+
+
+CALLBACK_RAISES = """
+import sys
+import pyparallel as pp
+
+exc = {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt}[sys.argv[2]]
+
+def boom(f):
+    raise exc("raised by a done-callback")
+
+if __name__ == "__main__":
+    ex = pp.ProcessPoolExecutor(2, mp_context=sys.argv[1])
+    f = ex.submit(abs, -1)
+    f.add_done_callback(boom)
+    assert f.result(timeout=60) == 1
+    assert ex.submit(abs, -2).result(timeout=60) == 2  # later futures work
+    ex.shutdown(wait=True)
+    print("shut down", flush=True)
+    # and the interpreter exits with an executor whose callback raised, never shut down
+    ex2 = pp.ProcessPoolExecutor(2, mp_context=sys.argv[1], reuse=False)
+    g = ex2.submit(abs, -3)
+    g.add_done_callback(boom)
+    assert g.result(timeout=60) == 3
+    ex2.submit(abs, -4)
+"""
+
+
+@pytest.mark.parametrize("exc", ["SystemExit", "KeyboardInterrupt"])
+def test_callback_raising_base_exception_never_wedges_shutdown_or_exit(
+        tmp_path, pool_context, exc):
+    out = _run_fresh(tmp_path, CALLBACK_RAISES, pool_context, exc)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "shut down", out.stderr
+    # reported as the stdlib reports an Exception from a callback
+    assert "exception calling callback for" in out.stderr
+    assert f"{exc}: raised by a done-callback" in out.stderr
+
+
+CALLBACK_SHUTS_DOWN = """
+import sys, threading
+import pyparallel as pp
+
+if __name__ == "__main__":
+    ex = pp.ProcessPoolExecutor(2, mp_context=sys.argv[1])
+    got = []
+    called = threading.Event()
+
+    def cb(f):
+        try:
+            ex.shutdown(wait=True)
+        except BaseException as e:
+            got.append(e)
+        called.set()
+
+    f = ex.submit(abs, -1)
+    f.add_done_callback(cb)
+    assert f.result(timeout=60) == 1
+    assert called.wait(60), "the callback never ran to its end"
+    assert len(got) == 1 and type(got[0]) is RuntimeError, got
+    assert str(got[0]) == "cannot join current thread", got
+    try:
+        ex.submit(abs, 1)  # shut down all the same, as the stdlib's
+    except RuntimeError as e:
+        assert "after shutdown" in str(e)
+    else:
+        raise AssertionError("submit after shutdown")
+    ex.shutdown(wait=True)
+    # the process's warm pool goes on
+    with pp.ProcessPoolExecutor(2, mp_context=sys.argv[1]) as other:
+        assert other.submit(abs, -5).result(timeout=60) == 5
+    assert pp.get_reusable_pool(2, context=sys.argv[1]).map(abs, [-1, -2]) == [1, 2]
+    print("ok", flush=True)
+"""
+
+
+def test_callback_calling_shutdown_wait_raises_as_the_stdlib(tmp_path, pool_context):
+    out = _run_fresh(tmp_path, CALLBACK_SHUTS_DOWN, pool_context)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_callback_waiting_on_another_future_never_blocks_its_delivery(pool_context):
+    with pp.ProcessPoolExecutor(2, mp_context=pool_context) as ex:
+        got = []
+        lock = threading.Lock()
+        ran = threading.Semaphore(0)
+        for i in range(10):
+            first = ex.submit(abs, -i)
+            later = ex.submit(sleep_then, i, 0.05)
+
+            def cb(_, later=later):
+                try:
+                    value = later.result(timeout=30)
+                except BaseException as e:  # noqa: BLE001 - reported by the assert below
+                    value = e
+                with lock:
+                    got.append(value)
+                ran.release()
+
+            first.add_done_callback(cb)
+        for _ in range(10):
+            assert ran.acquire(timeout=120), "a callback never ran"
+        assert sorted(got, key=repr) == list(range(10)), got
+
+
+INTERRUPTED_WAIT = """
+import os, signal, sys, threading, time
+import pyparallel as pp
+
+def slow(x):
+    time.sleep(2.0)
+    return x
+
+if __name__ == "__main__":
+    with pp.ProcessPoolExecutor(2, mp_context=sys.argv[1]) as ex:
+        assert ex.submit(abs, -1).result(timeout=60) == 1  # the workers are up
+        f = ex.submit(slow, 42)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            f.result(timeout=60)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("the wait was not interrupted")
+        assert not f.cancelled()
+        assert f.result(timeout=60) == 42  # the call went on and completed
+    print("ok", flush=True)
+"""
+
+
+def test_ctrl_c_in_result_interrupts_the_wait_only(tmp_path, pool_context):
+    out = _run_fresh(tmp_path, INTERRUPTED_WAIT, pool_context)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok", out.stderr

@@ -221,6 +221,32 @@ def test_parse_commands():
     assert runner.parse_commands(text) == ["echo a", "  echo b # shell comment"]
 
 
+# line breaks to str.splitlines that are no line end to the shell (issue 26)
+ODD_BREAKS = ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\r"]
+
+
+def test_parse_commands_ends_lines_at_newlines_only():
+    cmds = [f"printf '%s' 'a{c}b'" for c in ODD_BREAKS]
+    assert runner.parse_commands("\n".join(cmds) + "\n") == cmds
+    assert runner.parse_commands("\r\n".join(cmds) + "\r\n") == cmds
+
+
+def test_cli_file_with_line_breaks_inside_quotes_runs_each_line_once(tmp_path, mark):
+    # each command prints its argument's bytes in hex: they reached the shell whole
+    cmds = [f"printf '%s' 'a{c}b' | od -An -tx1" for c in ODD_BREAKS]
+    f = tmp_path / "cmds.txt"
+    f.write_bytes("\n".join(cmds).encode() + b"\r\n")
+    p = subprocess.run([sys.executable, "-m", "pyparallel", "run", "-j", "2", str(f)],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONUTF8="1"))
+    assert p.returncode == 0, p.stderr
+    assert f"{len(cmds)} ok, 0 failed" in p.stderr
+    got = sorted(line.split() for line in p.stdout.splitlines())
+    want = sorted([f"[{i + 1}]", *(f"{b:02x}" for b in f"a{c}b".encode())]
+                  for i, c in enumerate(ODD_BREAKS))
+    assert got == want
+
+
 def test_plain_progress_counts_failures():
     buf = io.StringIO()
     p = runner._PlainProgress(3, buf)
@@ -347,25 +373,31 @@ def test_demo_subcommand_still_parses():
     assert p.returncode == 0 and "--workers" in p.stdout
 
 
-def _start_cli(mark, cmds, tmp_path):
+def _start_cli(mark, cmds, tmp_path, **kw):
     f = tmp_path / "cmds.txt"
     f.write_text(cmds)
     env = dict(os.environ, PP_RUNNER_MARK=mark)
     return subprocess.Popen([sys.executable, "-m", "pyparallel", "run", "-j", "3", str(f)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_cli_interrupt_kills_every_group_and_exits(sig, code, tmp_path):
+@pytest.mark.parametrize("to", ["process", "group"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                       (signal.SIGHUP, 129)])
+def test_cli_interrupt_kills_every_group_and_exits(sig, code, to, tmp_path):
     mark = uuid.uuid4().hex
     cmds = "sleep 30\nsleep 30 && echo no\ntrap '' TERM; sleep 30\nsleep 30\nsleep 30\n"
-    proc = _start_cli(mark, cmds, tmp_path)
+    # "group": the CLI leads a process group of its own, which gets the signal (a hangup)
+    proc = _start_cli(mark, cmds, tmp_path, start_new_session=(to == "group"))
     try:
         # three commands running: each a shell or its sleep, all under the runner
         assert wait_for(lambda: sum(1 for p in marked_pids(mark) if p != proc.pid
                                     and _comm(p) == "sleep") == 3), marked_pids(mark)
-        proc.send_signal(sig)
+        if to == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == code, err
         assert "every running command was stopped" in err and out == ""

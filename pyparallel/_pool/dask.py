@@ -28,14 +28,18 @@ hands the pool's jobs to this module instead of the local engine::
   waits for the caller's round trip between two tasks; imap reads its input only as far as the caller's progress allows, so an
   endless generator works.
 - **Big arguments** (numpy arrays, bytes-like objects of :data:`BIG_BYTES` or more, anywhere
-  in the arguments) are scattered to the cluster once per pool (an array, while it lives) or
-  once per call (other objects), and tasks refer to them; a big function pickle too.
+  in the arguments) are scattered to the cluster once per pool (an array, while it lives and
+  its contents stay the same: it is known by a hash of its data, so an array changed in place
+  is sent again) or once per call (other objects), and tasks refer to them; a big function
+  pickle too.
 - **Errors**: a task's exception comes back with the remote traceback as its ``__cause__``
   (as from the local pool); a result that cannot be pickled is ``MaybeEncodingError``. The
   scheduler reschedules tasks of a lost worker itself (its ``allowed-failures`` setting); when
   it gives up (``KilledWorker``) the task is submitted again up to ``retries`` times, then
   fails with :class:`~.errors.WorkerLostError` naming it. An initializer that raises fails
   the pool's calls with :class:`~.errors.InitializerError`, as locally.
+- **A lost scheduler** (killed, unreachable: the client cancels every future it holds) fails
+  every pending call of the pool at once with ``ConnectionError``, and the later ones too.
 - **Life cycle**: ``terminate()`` cancels the pool's outstanding futures on the cluster; a
   client the pool created is closed by ``terminate()``/``join()``, a client given by the user
   is left open.
@@ -87,6 +91,9 @@ LAZY_AHEAD_MAX = 8192
 _FUNC_CACHE = 64
 
 _OPTIONS = ("address", "client", "connect_timeout", "retries")
+#: seconds between the collector's looks at the client while tasks are in flight (a client
+#: that lost its scheduler may never complete the tasks submitted since)
+CONNECTION_POLL = 1.0
 
 
 # ---- the worker side (runs in the Dask worker processes) ---------------------------------
@@ -193,6 +200,13 @@ def _run_task(token, init, fb, kind, chunks, keys, *big):
 
 
 # ---- the client side ----------------------------------------------------------------------
+
+
+def _content_token(obj):
+    """A hash of an array's type, shape, dtype and data (dask's own ``tokenize``)."""
+    from dask.base import tokenize
+
+    return tokenize(obj)
 
 
 def _nbytes_if_big(obj):
@@ -365,7 +379,8 @@ class DaskBackend:
         self.jobs = []  # jobs with chunks not yet submitted, in order
         self.tasks = {}  # Dask key -> _Task in flight
         self.counter = itertools.count()
-        self.arrays = {}  # id -> (weakref, Future): arrays scattered, while they live
+        # id -> (weakref, token of the data, Future): arrays scattered, while they live
+        self.arrays = {}
         self.funcs = {}  # big function pickle -> its Future
         self.broken = None
         # counts, for tests and benchmarks: Dask tasks submitted, objects scattered, bytes of
@@ -381,24 +396,30 @@ class DaskBackend:
     # ---- encoding (self.lock held, or before the job is visible) ----
 
     def _scatter(self, obj, memo):
-        """The Future of ``obj`` on the cluster, scattered once."""
-        ent = memo.get(id(obj))
+        """The Future of ``obj`` on the cluster, scattered once per call (``memo``: one call's
+        objects, by identity: a call's arguments are taken as they are when it is made) and
+        across calls while it lives with the same data (by a hash of its contents: an array
+        changed in place between two calls is sent again, as the local pool would send it)."""
+        oid = id(obj)
+        ent = memo.get(oid)
         if ent is not None:
             return ent[1]
-        oid = id(obj)
         ent = self.arrays.get(oid)
+        token = None
         if ent is not None and ent[0]() is obj:
-            memo[oid] = (obj, ent[1])
-            return ent[1]
+            token = _content_token(obj)
+            if ent[1] == token:
+                memo[oid] = (obj, ent[2])
+                return ent[2]
         fut = self.client.scatter(obj, hash=False)
         self.scattered += 1
         memo[oid] = (obj, fut)
         try:
             arrays = self.arrays
             ref = weakref.ref(obj, lambda _r, oid=oid: arrays.pop(oid, None))
-            arrays[oid] = (ref, fut)
         except TypeError:  # bytes and the like: once per call
-            pass
+            return fut
+        arrays[oid] = (ref, token if token is not None else _content_token(obj), fut)
         return fut
 
     def _encode(self, chunk, memo):
@@ -539,8 +560,20 @@ class DaskBackend:
         self.jobs.clear()
         for result in list(self.cache.values()):
             done.append((result, None, "abort", err))
-        if futs:
+        if futs and not isinstance(err, ConnectionError):  # no scheduler to tell
             self._cancel_futures(futs)
+
+    def _connection_lost(self):
+        """The client lost its scheduler (or was closed): the pool cannot run calls. Every
+        pending call fails (the client cancelled the futures it held; those submitted since
+        would never complete), and the later ones."""
+        if self.broken is None:
+            self.broken = ConnectionError(
+                f"the Dask client lost the connection to the scheduler at {self.address} "
+                f"(client {self.client.status}): the pool's calls cannot complete")
+
+    def _client_running(self):
+        return getattr(self.client, "status", "running") == "running"
 
     def _cancel_futures(self, futs):
         try:
@@ -579,6 +612,14 @@ class DaskBackend:
 
     def _finished(self, tasks, done):
         """Tasks whose futures are done: their results, or their resubmission."""
+        if not self._client_running():  # nothing can be gathered, or submitted again
+            with self.lock:
+                self._connection_lost()
+            for t in tasks:
+                t.job.extra["dask"].tasks -= 1
+                if not t.job.cancelled:
+                    self._fail_task(t, self.broken, done)
+            return []
         ok = [t for t in tasks if t.future.status == "finished"]
         values = {}
         if ok:
@@ -634,6 +675,9 @@ class DaskBackend:
                     f"its worker: the cluster gave up on it ({exc}) after "
                     f"{t.tries + 1} submission(s)")
                 err.__cause__ = exc
+            elif status == "cancelled" and not self._client_running():
+                self._connection_lost()  # the client cancels its futures when it does
+                err = self.broken
             elif status == "cancelled" or exc is None:
                 err = TaskCancelledError(f"the Dask task {t.key} was cancelled on the cluster")
             else:
@@ -667,7 +711,17 @@ class DaskBackend:
         q = self.done_q
         done = []
         while True:
-            futs = [q.get()]
+            try:
+                futs = [q.get(timeout=CONNECTION_POLL)]
+            except queue.Empty:
+                futs = []
+                with self.lock:
+                    lost = bool(self.tasks) and self.broken is None \
+                        and not self._client_running()
+                if not lost:
+                    continue
+                with self.lock:
+                    self._connection_lost()
             while True:
                 try:
                     futs.append(q.get_nowait())
@@ -712,9 +766,11 @@ class DaskBackend:
 
     def submit(self, job) -> None:
         self._check_running()
-        st = _JobState(self._func(job.func))
-        job.extra["dask"] = st
-        if not job.lazy:
+        if self.broken is not None:  # nothing to send: _pump fails the call at once
+            st = job.extra["dask"] = _JobState(None)
+        else:
+            st = job.extra["dask"] = _JobState(self._func(job.func))
+        if not job.lazy and self.broken is None:
             for chunk in job.chunks:  # every chunk is encoded before anything is sent
                 enc = self._encode(chunk, st.memo)
                 st.pending.append(enc)

@@ -113,14 +113,19 @@ class ApplyResult(_mpp.ApplyResult):
 
     def wait(self, timeout=None):
         try:
-            if not self._event.is_set():
-                backend = self._backend
-                if backend is not None:
-                    backend.help(self)
-                self._event.wait(timeout)
+            self._wait(timeout)
         except KeyboardInterrupt:
             self._interrupted()
             raise
+
+    def _wait(self, timeout=None):
+        """``wait`` without cancelling the call on Ctrl-C (an executor's future: an
+        interrupted wait leaves the call running, as in the stdlib)."""
+        if not self._event.is_set():
+            backend = self._backend
+            if backend is not None:
+                backend.help(self)
+            self._event.wait(timeout)
 
     def get(self, timeout=None):
         self.wait(timeout)
