@@ -15,7 +15,9 @@ How a call travels::
                       v                    whose call queue is bounded the same way)
                       pool.apply_async(...)  -> Future RUNNING -> worker runs fn(*a)
     Future done  <--  the pool's callback (its collector thread) sets the result and
-                      feeds the next held calls to the pool
+                      feeds the next held calls to the pool; the future's done-callbacks
+                      run on the executor's callback thread (started while there are some),
+                      so that one that blocks never holds up the delivery of results
 
 Where it differs from the stdlib, on purpose:
 
@@ -462,8 +464,11 @@ _cores = weakref.WeakSet()  # this process's executors (a forked child starts wi
 
 def _forget_cores():
     # A forked child (a pool worker, say) must not wait at its exit for its parent's
-    # executors, whose copies it inherited with their counters frozen.
+    # executors, whose copies it inherited with their counters frozen; their callback
+    # threads are not in the child.
     global _cores
+    for core in list(_cores):
+        core.callback_thread = None
     _cores = weakref.WeakSet()
 
 

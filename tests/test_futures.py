@@ -3,6 +3,8 @@ import concurrent.futures as cf
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -417,18 +419,24 @@ def sleep_then(x, seconds):
 
 
 def _run_fresh(tmp_path, body, *args, limit=120):
-    """``body`` as a script in a fresh interpreter (argv: ``args``); a hang fails the test
-    at ``limit`` seconds."""
+    """``body`` as a script in a fresh interpreter (argv: ``args``), in a process group of
+    its own; a hang fails the test at ``limit`` seconds, with the group killed (its workers
+    too, which would hold the output pipes open)."""
     script = tmp_path / "case.py"
     script.write_text(body)
-    import subprocess
-    import sys
-
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        return subprocess.run([sys.executable, str(script), *map(str, args)],
-                              capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"hung (no exit in {limit} s): {e.stdout!r} {e.stderr!r}")
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        pytest.fail(f"hung (no exit in {limit} s): {out!r} {err!r}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 CALLBACK_RAISES = """
