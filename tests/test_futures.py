@@ -418,7 +418,7 @@ def sleep_then(x, seconds):
     return x
 
 
-def _run_fresh(tmp_path, body, *args, limit=120):
+def _run_fresh(tmp_path, body, *args, limit=90):
     """``body`` as a script in a fresh interpreter (argv: ``args``), in a process group of
     its own; a hang fails the test at ``limit`` seconds, with the group killed (its workers
     too, which would hold the output pipes open)."""
@@ -539,7 +539,7 @@ def test_callback_waiting_on_another_future_never_blocks_its_delivery(pool_conte
 
             first.add_done_callback(cb)
         for _ in range(10):
-            assert ran.acquire(timeout=120), "a callback never ran"
+            assert ran.acquire(timeout=90), "a callback never ran"
         assert sorted(got, key=repr) == list(range(10)), got
 
 
