@@ -58,8 +58,9 @@
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
  * caller checks signals (Ctrl-C) between slices. Before sleeping a waiter polls for up to
- * PP_Q_SPIN_NS, yielding the CPU every PP_Q_YIELD_NS: replies often come within microseconds,
- * and on a machine with more runnable processes than CPUs the peer may need this very CPU.
+ * PP_Q_SPIN_NS while such polls pay (util.h's spin gate, one per ring object and process):
+ * replies often come within microseconds, but on a machine with more runnable processes than
+ * CPUs the peer may need this very CPU, and then the waiter sleeps at once.
  * The GIL is released only to wait and to copy a big message into its region (outside the
  * locks); records are read and written with the GIL held, and only non-GC objects (bytes,
  * bytearray, RingBlock) are allocated under a ring lock, so no Python code can run while one
@@ -104,7 +105,6 @@
 #define PP_Q_SLICE_NS 50000000LL         /* longest sleep between signal checks */
 #define PP_Q_LOCK_SLICE_NS 5000000LL     /* a lock waiter checks the owner this often */
 #define PP_Q_SPIN_NS 50000LL             /* a waiter polls this long before it sleeps */
-#define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
 #define PP_Q_ALIGN 64                /* heap parts start on cache lines (numpy alignment) */
 #define PP_Q_SLOTS 64                /* recycled regions per ring */
@@ -169,6 +169,7 @@ typedef struct {
     uint64_t window;
     unsigned long long ino;
     PyObject *block_type; /* RingBlock, for big messages */
+    pp_spin_gate gate;    /* this process's waits on the ring: spin only while it pays */
 } RingObject;
 
 typedef struct {
@@ -246,32 +247,32 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 }
 
 /* Waits (GIL released) until *word differs from `seen`, a slice ends, or the deadline passes
- * (PP_ERR_TIMEOUT). Polls first, since a reply often comes within microseconds; the poll yields
- * the CPU every PP_Q_YIELD_NS, because on a machine with more runnable processes than CPUs the
- * peer that would change the word may be waiting for this very CPU (a plain spin then costs
- * the whole spin, and a futex sleep and wake-up tens of microseconds more). */
+ * (PP_ERR_TIMEOUT). Polls first while `gate` says polling pays (a reply often comes within
+ * microseconds); never yields while it polls: on a busy machine sched_yield() hands the CPU
+ * to another runnable process for its whole slice (milliseconds), and the gate stops the
+ * polling there anyway. */
 static pp_status
-pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
+pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline,
+               pp_spin_gate *gate)
 {
     long long now = pp_now_ns();
-    long long spin_end = now + PP_Q_SPIN_NS;
-    long long yield_at = now + PP_Q_YIELD_NS;
+    long long spin_ns = pp_spin_budget(gate, PP_Q_SPIN_NS);
+    long long spin_end = now + spin_ns;
     if (deadline >= 0 && deadline < spin_end) {
         spin_end = deadline;
     }
     while (now < spin_end) {
         for (int i = 0; i < 32; i++) {
             if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+                pp_spin_record(gate, 1);
                 return PP_OK;
             }
             pp_cpu_relax();
         }
         now = pp_now_ns();
-        if (now >= yield_at) {
-            sched_yield();
-            now = pp_now_ns();
-            yield_at = now + PP_Q_YIELD_NS;
-        }
+    }
+    if (spin_ns > 0) {
+        pp_spin_record(gate, 0);
     }
     if (atomic_load_explicit(word, memory_order_acquire) != seen) {
         return PP_OK;
@@ -897,7 +898,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else {
             Py_BEGIN_ALLOW_THREADS
-            st = pp_q_wait_word(&h->get_seq, seen, &h->put_waiters, deadline);
+            st = pp_q_wait_word(&h->get_seq, seen, &h->put_waiters, deadline, &self->gate);
             Py_END_ALLOW_THREADS
         }
         if (st == PP_ERR_TIMEOUT) {
@@ -1175,7 +1176,7 @@ Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else {
             Py_BEGIN_ALLOW_THREADS
-            st = pp_q_wait_word(&h->put_seq, seen, &h->get_waiters, deadline);
+            st = pp_q_wait_word(&h->put_seq, seen, &h->get_waiters, deadline, &self->gate);
             Py_END_ALLOW_THREADS
         }
         if (st == PP_ERR_TIMEOUT) {
@@ -1254,7 +1255,7 @@ Ring_join(RingObject *self, PyObject *arg)
         }
         pp_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = pp_q_wait_word(&h->done, d, &h->join_waiters, deadline);
+        st = pp_q_wait_word(&h->done, d, &h->join_waiters, deadline, &self->gate);
         Py_END_ALLOW_THREADS
         if (st == PP_ERR_TIMEOUT) {
             Py_RETURN_FALSE;
