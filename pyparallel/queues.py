@@ -28,7 +28,12 @@ What is different from multiprocessing (and why it is safe to switch):
 The rings are in ``src/queue.c``; its header comment has the commit protocol that keeps the
 state consistent at every point a process can die. Blocking waits release the GIL, honour their
 timeout and let Ctrl-C through. An unbounded queue holds up to 4 GiB of pending small messages
-(and any number of big ones); past that, ``put`` waits as on a full bounded queue.
+(and any number of big ones); past that, ``put`` waits as on a full bounded queue. Like
+multiprocessing's, ``put`` never waits on bytes unless asked: ``Queue(maxbytes=N)`` (pyparallel's
+own keyword) makes it wait while the queue is not empty and would hold more than N unread bytes.
+A Pipe's ``send`` waits while the other end has more than ``_PIPE_MAX_UNREAD`` bytes unread
+(multiprocessing's waits on its socket buffer), and fails with BrokenPipeError once the other
+end is closed everywhere, giving back what no one will read.
 
 A Pipe's end is a ring for the data plus an OS pipe that carries one byte per message: its read
 end is ``fileno()`` (for ``multiprocessing.connection.wait`` and ``select``), and it reports

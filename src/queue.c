@@ -17,8 +17,10 @@
  * into a recycled region (ref = generation << 32 | index + 1): one of PP_Q_SLOTS fixed slices
  * of the file, mapped once, whose memory stays allocated from one message to the next, since
  * allocating and faulting in fresh shared pages costs far more than copying into warm ones.
- * Bigger messages (or all regions busy) get a fresh region at a never-reused offset (ref 0),
- * mapped per message and punched out at the end. A record that would cross the end of the
+ * Bigger messages (or all regions busy) get a fresh region at a never-reused offset, mapped
+ * per message and punched out at the end; it is named by one of PP_Q_FRESH fresh descriptors
+ * (ref = generation << 32 | PP_Q_SLOTS + index + 1), or, when all are in use, by none (ref 0).
+ * A record that would cross the end of the
  * window is preceded by a PAD record that sends the reader back to offset 0.
  *
  * Commit protocol (the state is consistent at every instruction a process can die at):
@@ -38,22 +40,29 @@
  *     except by the single store above.
  *   - The JoinableQueue count is done mod 2^30 (task_done() calls): unfinished = puts - done, so
  *     a producer killed mid-put can never leave join() waiting for an item that never arrived.
- *   - A fresh heap region is written before its record is committed; a producer that dies in
- *     between leaks that region's pages until the ring itself is freed (the message in flight).
- *   - A recycled region's state word is {generation, holder pid}, holder 0 meaning free. A
- *     producer claims a free one by compare-exchange (new generation, its pid), writes the
- *     message, stores the record's ring position in the region, and commits the put; the
- *     region then belongs to the message. The consumer stores its own pid as the holder BEFORE
- *     it commits the get, and the block it returns gives the region back (holder 0) when the
- *     last view dies, in that process only (a forked child's inherited block does not). So a
- *     region is held by a dead process only when that process was writing it (not yet
- *     committed) or had taken its message; either way no record in [head, tail) names that
- *     generation, and a producer that finds no free region takes such a one over (a
- *     compare-exchange, so a consumer that took the message meanwhile wins). A region whose
- *     message is still in the ring is never taken, whoever wrote it. Free regions keep their
- *     memory up to PP_Q_CACHE_MAX in all; past that the one given back is punched out.
+ *   - A region descriptor's state word (recycled or fresh) is {generation, holder pid},
+ *     holder 0 meaning free. A producer claims a free one by compare-exchange (new
+ *     generation, its pid), writes the message, stores the record's ring position in the
+ *     descriptor, and commits the put; the region then belongs to the message. The consumer
+ *     stores its own pid as the holder BEFORE it commits the get, and the block it returns
+ *     gives the region back (holder 0) when the last view dies, in that process only (a
+ *     forked child's inherited block does not). So a region is held by a dead process only
+ *     when that process was writing it (not yet committed) or had taken its message; either
+ *     way no record in [head, tail) names that generation, and a producer that finds no free
+ *     region takes such a one over (a compare-exchange, so a consumer that took the message
+ *     meanwhile wins); and every big put
+ *     and every region given back first sweeps (at most every PP_Q_SWEEP_NS) for such regions
+ *     and takes them all back: a recycled one goes to the free ones, a fresh one is punched
+ *     out (its descriptor names it before it is allocated, length 0 first, so a stale one
+ *     never covers another region; offsets are never reused, so punching a stale one again is
+ *     harmless). A region whose message is still in the ring is never taken, whoever wrote
+ *     it. Free recycled regions keep their memory up to PP_Q_CACHE_MAX in all; past that the
+ *     one given back is punched out. Only a fresh region that found no free descriptor (more
+ *     than PP_Q_FRESH in use) stays allocated when its producer dies before the commit.
  *     (A child that keeps using a block inherited by fork after its parent died may see that
  *     region reused: a received message belongs to the process that took it.)
+ *   - `pending` counts unread payload bytes for a put's `maxbytes` bound (a Pipe's flow
+ *     control): see pp_ring_pending() for how a death between count and commit is repaired.
  * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
