@@ -61,8 +61,9 @@
  *     than PP_Q_FRESH in use) stays allocated when its producer dies before the commit.
  *     (A child that keeps using a block inherited by fork after its parent died may see that
  *     region reused: a received message belongs to the process that took it.)
- *   - `pending` counts unread payload bytes for a put's `maxbytes` bound (a Pipe's flow
- *     control): see pp_ring_pending() for how a death between count and commit is repaired.
+ *   - in_bytes - out_bytes counts unread payload bytes for a put's `maxbytes` bound (a Pipe's
+ *     flow control): see pp_ring_pending() for how a death between count and commit is
+ *     repaired.
  * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
@@ -162,16 +163,17 @@ typedef struct {
     _Atomic uint64_t P;
     _Atomic uint32_t put_seq;     /* futex: bumped after each put */
     _Atomic uint32_t get_waiters; /* consumers asleep on put_seq */
-    char pad1[40];
+    _Atomic uint64_t in_bytes;    /* payload bytes put, written under the put lock */
+    char pad1[32];
     pp_qlock glock;
     _Atomic uint64_t G;
     _Atomic uint64_t F;
     _Atomic uint32_t get_seq;     /* futex: bumped after each get */
     _Atomic uint32_t put_waiters; /* producers asleep on get_seq */
-    char pad2[32];
+    _Atomic uint64_t out_bytes;   /* payload bytes taken, written under the get lock */
+    char pad2[24];
     _Atomic uint32_t done; /* task_done() calls mod 2^30; futex for join() */
     _Atomic uint32_t join_waiters;
-    _Atomic uint64_t pending;  /* payload bytes put and not yet taken (see pp_ring_pending) */
     _Atomic uint64_t sweep_ns; /* when dead holders were last looked for */
     _Alignas(64) pp_qslot slots[PP_Q_DESCS];
 } pp_qhdr;
@@ -858,15 +860,17 @@ pp_region_drop(RingObject *r, pp_region *rg)
 
 enum { PP_TRY_DONE = 1, PP_TRY_FULL = 0, PP_TRY_BUSY = -2 };
 
-/* Unread payload bytes, as pp_ring_room() counts them: `pending` is added to by a producer
- * just before its commit (under the put lock) and taken from by a consumer just before its
- * commit, so a process that dies in between leaves it too high (a producer) or too low (a
- * consumer whose message is taken again). The error never outlives an empty ring: the
- * consumer that empties it resets it (pp_ring_tryget), and an empty ring always has room. */
+/* Unread payload bytes, as pp_ring_room() counts them: in_bytes is added to by a producer
+ * just before its commit (under the put lock, on the put side's cache line) and out_bytes by a
+ * consumer just before its commit (under the get lock, on its own line), so a process that
+ * dies in between leaves in_bytes too high (a producer) or out_bytes too high (a consumer
+ * whose message is taken again). The error never outlives an empty ring: the consumer that
+ * empties it evens them (pp_ring_tryget), and an empty ring always has room. */
 static inline uint64_t
 pp_ring_pending(pp_qhdr *h)
 {
-    int64_t v = (int64_t)atomic_load_explicit(&h->pending, memory_order_relaxed);
+    int64_t v = (int64_t)(atomic_load_explicit(&h->in_bytes, memory_order_relaxed) -
+                          atomic_load_explicit(&h->out_bytes, memory_order_relaxed));
     return v > 0 ? (uint64_t)v : 0;
 }
 
@@ -946,7 +950,9 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t m
         }
     }
     uint64_t ntail = (tail + pad + rec) & PP_Q_POS_MASK;
-    atomic_fetch_add(&h->pending, p->total);
+    atomic_store_explicit(&h->in_bytes,
+                          atomic_load_explicit(&h->in_bytes, memory_order_relaxed) + p->total,
+                          memory_order_relaxed);
     /* The commit: one store makes the record (and its count) visible. */
     atomic_store_explicit(&h->P, (ntail << PP_Q_CNT_BITS) | ((P + 1) & PP_Q_CNT_MASK),
                           memory_order_release);
@@ -1205,17 +1211,19 @@ pp_ring_tryget(RingObject *r, pp_got *g)
     for (Py_ssize_t i = 0; i < n; i++) {
         total += g->lens[i];
     }
-    atomic_fetch_sub(&h->pending, total);
+    uint64_t in = atomic_load_explicit(&h->in_bytes, memory_order_relaxed);
+    uint64_t out = atomic_load_explicit(&h->out_bytes, memory_order_relaxed) + total;
+    atomic_store_explicit(&h->out_bytes, out, memory_order_relaxed);
     /* The commit. */
     atomic_store_explicit(&h->G, (nhead << PP_Q_CNT_BITS) | ((G + 1) & PP_Q_CNT_MASK),
                           memory_order_release);
-    if (atomic_load(&h->pending) != 0 && (P & PP_Q_CNT_MASK) == ((G + 1) & PP_Q_CNT_MASK)) {
-        /* This get emptied the ring, yet `pending` is off (a process died between its count
-         * and its commit): reset it, under the put lock so that no put is counted meanwhile
-         * (a lock that is busy leaves it for the next time). */
+    if (in != out && (P & PP_Q_CNT_MASK) == ((G + 1) & PP_Q_CNT_MASK)) {
+        /* This get emptied the ring, yet the byte counts differ (a process died between its
+         * count and its commit): even them, under the put lock so that no put is counted
+         * meanwhile (a lock that is busy leaves it for the next time). */
         if (pp_q_trylock(&h->plock, me)) {
             if (pp_q_count(atomic_load(&h->P), atomic_load(&h->G)) == 0) {
-                atomic_store(&h->pending, 0);
+                atomic_store(&h->out_bytes, atomic_load(&h->in_bytes));
             }
             pp_q_unlock(&h->plock);
         }
@@ -1451,7 +1459,8 @@ Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
         slots_free, "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
         (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
         "put_lock", (unsigned int)atomic_load(&h->plock.word), "pending",
-        (long long)atomic_load(&h->pending), "fresh_held", fresh_held);
+        (long long)(atomic_load(&h->in_bytes) - atomic_load(&h->out_bytes)), "fresh_held",
+        fresh_held);
 }
 
 PyDoc_STRVAR(Ring_slot_doc, "_slot_for_test($self, index, pid, /)\n--\n\n"
