@@ -28,7 +28,12 @@ What is different from multiprocessing (and why it is safe to switch):
 The rings are in ``src/queue.c``; its header comment has the commit protocol that keeps the
 state consistent at every point a process can die. Blocking waits release the GIL, honour their
 timeout and let Ctrl-C through. An unbounded queue holds up to 4 GiB of pending small messages
-(and any number of big ones); past that, ``put`` waits as on a full bounded queue.
+(and any number of big ones); past that, ``put`` waits as on a full bounded queue. Like
+multiprocessing's, ``put`` never waits on bytes unless asked: ``Queue(maxbytes=N)`` (pyparallel's
+own keyword) makes it wait while the queue is not empty and would hold more than N unread bytes.
+A Pipe's ``send`` waits while the other end has more than ``_PIPE_MAX_UNREAD`` bytes unread
+(multiprocessing's waits on its socket buffer), and fails with BrokenPipeError once the other
+end is closed everywhere, giving back what no one will read.
 
 A Pipe's end is a ring for the data plus an OS pipe that carries one byte per message: its read
 end is ``fileno()`` (for ``multiprocessing.connection.wait`` and ``select``), and it reports
@@ -63,6 +68,11 @@ _TAG_RAW = 2      # Queue.put of an exact bytes object: sent as is, received as 
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _RECV_SPIN_S = 50e-6   # how long recv waits on the ring before it sleeps on the fd
+# A Pipe's send waits while the other end has more than this many bytes unread (what a
+# socket's buffer does under multiprocessing's Pipe); one message bigger than that goes once
+# the earlier ones were read.
+_PIPE_MAX_UNREAD = 64 << 20
+_SEND_SLICE_S = 0.1    # a blocked send checks this often that the other end is still open
 
 
 class _Pickler(pickle.Pickler):
@@ -216,19 +226,27 @@ def _attach_ring(handle):
 class Queue:
     """multiprocessing.Queue on a shared-memory ring (see the module docstring)."""
 
-    def __init__(self, maxsize=0, *, ctx=None):
+    def __init__(self, maxsize=0, *, ctx=None, maxbytes=None):
         if not isinstance(maxsize, int):
             raise TypeError("maxsize must be an integer, not %s" % type(maxsize).__name__)
+        if maxbytes is not None and (not isinstance(maxbytes, int) or maxbytes <= 0):
+            raise ValueError("maxbytes must be a positive integer or None")
         # As multiprocessing: maxsize <= 0 means unbounded.
         self._maxsize = maxsize if maxsize > 0 else _SEM_VALUE_MAX
         self._bound = maxsize if maxsize > 0 else 0
+        # Unread bytes are bounded only when asked (pyparallel's own keyword): put() then
+        # waits while the queue is not empty and would hold more than `maxbytes` unread
+        # bytes. multiprocessing's put never waits on bytes (its feeder thread buffers them
+        # in the producer), so a default bound could hang a program that works there.
+        self._maxbytes = maxbytes or 0
         self._ref = _new_ring()
         self._ring = self._ref.ring
         self._closed = False
         self._joincancelled = False
 
     def __reduce__(self):
-        return (_rebuild_queue, (type(self), _ring_handle(self._ref), self._maxsize, self._bound))
+        return (_rebuild_queue, (type(self), _ring_handle(self._ref), self._maxsize, self._bound,
+                                 self._maxbytes))
 
     def _check_closed(self):
         if self._closed:
@@ -241,10 +259,10 @@ class Queue:
         # is pickled here, so that an unpicklable item fails before the queue is touched.
         if type(obj) is bytes:
             ok = self._ring.put(_TAG_RAW, obj, block, -1.0 if timeout is None else
-                                _timeout(timeout), self._bound)
+                                _timeout(timeout), self._bound, self._maxbytes)
         else:
             ok = self._ring.put(_TAG_PICKLE, _dumps(obj), block, -1.0 if timeout is None else
-                                _timeout(timeout), self._bound)
+                                _timeout(timeout), self._bound, self._maxbytes)
         if not ok:
             raise _queue.Full
 
@@ -294,10 +312,11 @@ class JoinableQueue(Queue):
             pass
 
 
-def _rebuild_queue(cls, handle, maxsize, bound):
+def _rebuild_queue(cls, handle, maxsize, bound, maxbytes=0):
     q = cls.__new__(cls)
     q._maxsize = maxsize
     q._bound = bound
+    q._maxbytes = maxbytes
     q._ref = _attach_ring(handle)
     q._ring = q._ref.ring
     q._closed = False
@@ -444,8 +463,35 @@ class Connection:
 
     # -- sending
     def _send(self, tag, parts):
-        self._out.ring.put(tag, parts, True, -1.0, 0)
-        os.write(self._wfd, b"\0")   # BrokenPipeError once every reader is gone
+        ring = self._out.ring
+        try:
+            if not ring.put(tag, parts, False, 0.0, 0, _PIPE_MAX_UNREAD):
+                # The other end holds _PIPE_MAX_UNREAD unread bytes: wait for it to read, in
+                # slices, so that an end closed (or a reader dead) meanwhile ends the wait.
+                while True:
+                    if self._peer_gone():
+                        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+                    if ring.put(tag, parts, True, _SEND_SLICE_S, 0, _PIPE_MAX_UNREAD):
+                        break
+            os.write(self._wfd, b"\0")   # BrokenPipeError once every reader is gone
+        except BrokenPipeError:
+            self._drop_unread()
+            raise
+
+    def _peer_gone(self):
+        """Whether every holder of the other end closed it (or died): nothing will ever read
+        what this end sends."""
+        p = select.poll()
+        p.register(self._wfd, select.POLLOUT)
+        ev = p.poll(0)
+        return bool(ev) and bool(ev[0][1] & select.POLLERR)
+
+    def _drop_unread(self):
+        """Gives back what this end sent and no one will read (the other end is closed
+        everywhere): the shared memory of those messages returns to the system now."""
+        ring = self._out.ring
+        while ring.get(False, 0.0) is not None:
+            pass
 
     def send(self, obj):
         """Send a (picklable) object."""

@@ -461,8 +461,9 @@ def test_region_held_by_dead_process_is_taken_back():
     for i in range(_core.RING_SLOTS):
         q._ring._slot_for_test(i, dead)
     q.put(np.ones(1 << 17))
-    st = q._ring.stats()
-    assert st["reclaims"] == 1 and st["fresh_used"] == 0
+    st = q._ring.stats()      # the put's sweep took every one of them back
+    assert st["reclaims"] == _core.RING_SLOTS and st["fresh_used"] == 0
+    assert st["slots_free"] == _core.RING_SLOTS - 1
     assert q.get().sum() == 1 << 17
 
 
@@ -597,6 +598,108 @@ def test_sigkill_consumer_mid_get(size):
         assert items == list(range(taken, n))     # the rest, in order, exactly once
         q.put("still works", timeout=20)
         assert q.get(timeout=20) == "still works"
+
+
+# ---- shared memory of killed producers, bounded unread bytes (issue 26) ----
+
+def _die_mid_put(q, sizes, ready):
+    # What a producer SIGKILLed mid-put leaves: each region written, no put committed.
+    for n in sizes:
+        q._ring._write_for_test(b"k" * n)
+    ready.put(os.getpid())
+    time.sleep(600)
+
+
+def test_regions_of_producer_killed_mid_put_are_taken_back(pool_context):
+    # A recycled region (8 MiB) and a fresh one (20 MiB) written by a producer killed before
+    # its commit: the next put takes both back (before: held, and the fresh one allocated,
+    # until the queue itself was freed; the ring grew by ~36 MiB a kill).
+    ctx = mp.get_context(pool_context)
+    q, ready = pp.Queue(), pp.Queue()
+    sizes = [_core.RING_SLOT_MAX - 4096, 20 << 20, 4 << 20]
+    for _ in range(3):
+        p = ctx.Process(target=_die_mid_put, args=(q, sizes, ready))
+        p.start()
+        assert ready.get(timeout=120) == p.pid
+        st = q._ring.stats()
+        assert st["fresh_held"] == 1 and st["slots_free"] == _core.RING_SLOTS - 2
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(60)
+        time.sleep(0.05)    # dead holders are looked for at most every 2 ms
+        q.put(b"x" * (1 << 20))
+        assert q.get(timeout=60) == b"x" * (1 << 20)
+    st = q._ring.stats()
+    assert st["fresh_held"] == 0 and st["slots_free"] == _core.RING_SLOTS
+    assert st["reclaims"] >= 6
+    # what is left is the free regions' cache
+    assert _allocated_kib(q) <= _core.RING_CACHE_MAX // 1024 + 1024
+
+
+def test_region_of_live_producer_mid_put_is_left_alone():
+    q = pp.Queue()
+    i = q._ring._write_for_test(b"k" * (20 << 20))   # this process is "mid-put"
+    assert i >= _core.RING_SLOTS
+    time.sleep(0.05)
+    q.put(b"x" * (1 << 20))
+    assert q.get() == b"x" * (1 << 20)
+    assert q._ring.stats()["fresh_held"] == 1
+    assert _allocated_kib(q) >= 20 << 10
+
+
+def test_queue_maxbytes_bounds_unread_bytes():
+    q = pp.Queue(maxbytes=1 << 20)
+    item = b"b" * (600 << 10)
+    q.put(item)
+    with pytest.raises(queue.Full):
+        q.put_nowait(item)
+    with pytest.raises(queue.Full):
+        q.put(item, timeout=0.1)
+    assert q.qsize() == 1 and q._ring.stats()["pending"] == len(item)
+    assert q.get() == item
+    q.put(b"c" * (3 << 20), timeout=60)      # bigger than the bound: goes into an empty queue
+    with pytest.raises(queue.Full):
+        q.put_nowait(b"d")
+    assert q.get() == b"c" * (3 << 20)
+    for _ in range(100):                     # small ones up to the bound
+        q.put_nowait(b"e" * 1000)
+    assert q.qsize() == 100 and q._ring.stats()["pending"] == 100_000
+    assert [q.get() for _ in range(100)] == [b"e" * 1000] * 100
+    assert q._ring.stats()["pending"] == 0
+    with pytest.raises(ValueError):
+        pp.Queue(maxbytes=0)
+
+
+def _put_then_report(q, item, out):
+    q.put(item)
+    out.put("second put returned")
+
+
+def test_queue_maxbytes_blocks_producer_until_read(pool_context):
+    # The bound travels with the queue: a producer in another process waits for the reader.
+    ctx = mp.get_context(pool_context)
+    q, out = pp.Queue(maxbytes=1 << 20), pp.Queue()
+    item = b"m" * (700 << 10)
+    q.put(item)
+    p = ctx.Process(target=_put_then_report, args=(q, item, out))
+    p.start()
+    with pytest.raises(queue.Empty):
+        out.get(timeout=1.0)                 # the child waits: 1.4 MiB would be unread
+    assert q.qsize() == 1
+    assert q.get(timeout=60) == item
+    assert out.get(timeout=120) == "second put returned"
+    assert q.get(timeout=60) == item
+    p.join(60)
+    assert p.exitcode == 0
+
+
+def test_unbounded_queue_put_never_waits_on_bytes():
+    # multiprocessing's put never waits on bytes: putting everything before reading (in one
+    # process) must keep working.
+    q = pp.Queue()
+    for _ in range(40):
+        q.put_nowait(b"u" * (1 << 20))
+    assert q.qsize() == 40
+    assert all(q.get() == b"u" * (1 << 20) for _ in range(40))
 
 
 # ---- Ctrl-C ----
