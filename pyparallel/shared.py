@@ -17,8 +17,10 @@ Beyond multiprocessing:
 - **Atomics, lock-free**, on integer ``Value``s and ``Array`` elements: ``v.add(1)`` (returns
   the new value), ``v.fetch_add(d)``, ``v.sub``/``fetch_sub``, ``v.load()``, ``v.store(x)``,
   ``v.exchange(x)``, ``v.compare_exchange(expected, desired)`` (True when it swapped). Arrays
-  take the index first: ``a.add(i, 1)``. ``'d'``/``'f'`` items have ``load``/``store``/
-  ``exchange``. Raw objects have the same methods.
+  take the index first: ``a.add(i, 1)``. They do not wrap: an ``add``/``sub`` whose result
+  does not fit the typecode raises OverflowError and leaves the item unchanged.
+  ``'d'``/``'f'`` items have ``load``/``store``/``exchange``. Raw objects have the same
+  methods.
 - **Zero-copy numpy**: ``numpy.asarray(arr)`` and ``memoryview(arr)`` view the shared data
   (for ``Array``, ``RawArray`` and ``Value``).
 - **Pickling by handle, anywhere**: every object pickles as (pid, fd, inode, size, offset) of
