@@ -144,8 +144,14 @@ def _unpack(msg):
 
 
 def _timeout(timeout):
-    # multiprocessing treats a negative timeout as zero (its SemLock does)
-    return -1.0 if timeout is None else max(0.0, float(timeout))
+    # multiprocessing treats a negative timeout as zero (its SemLock does), and refuses what
+    # is not a number with TypeError (SemLock's PyFloat_AsDouble, or `monotonic() + timeout`):
+    # float() alone would parse a string
+    if timeout is None:
+        return -1.0
+    if not (hasattr(type(timeout), "__float__") or hasattr(type(timeout), "__index__")):
+        raise TypeError(f"timeout must be a real number, not {type(timeout).__name__}")
+    return max(0.0, float(timeout))
 
 
 # ------------------------------------------------------------------------------------------
