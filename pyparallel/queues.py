@@ -12,6 +12,9 @@ What is different from multiprocessing (and why it is safe to switch):
 
 - **No feeder thread.** When ``put`` returns, the item is in shared memory: a producer that
   exits (or is killed) right after ``put`` loses nothing. ``qsize()`` is exact everywhere.
+  An item that cannot be pickled is dropped and passed to ``Queue._on_queue_feeder_error(e,
+  obj)`` (which prints the traceback), as multiprocessing's feeder thread does, but in
+  ``put`` itself; later puts go on.
 - **Pickled by handle.** A queue or a Connection can be passed as an argument to ``pp.Pool``
   or ``multiprocessing.Pool`` tasks, to ``multiprocessing.Process`` or ``pp.Process`` under any
   start method, put on another queue, or inherited under fork. (multiprocessing refuses this
@@ -238,15 +241,31 @@ class Queue:
         if self._closed:
             self._check_closed()
         # Bytes go as they are (what pickling them and unpickling gives back); anything else
-        # is pickled here, so that an unpicklable item fails before the queue is touched.
+        # is pickled here, before the queue is touched.
         if type(obj) is bytes:
             ok = self._ring.put(_TAG_RAW, obj, block, -1.0 if timeout is None else
                                 _timeout(timeout), self._bound)
         else:
-            ok = self._ring.put(_TAG_PICKLE, _dumps(obj), block, -1.0 if timeout is None else
+            try:
+                parts = _dumps(obj)
+            except Exception as e:
+                # As multiprocessing's feeder thread: the item is dropped (it takes no room
+                # and no unfinished task), the hook is told, and put returns.
+                if not block and self.full():
+                    raise _queue.Full from None
+                self._on_queue_feeder_error(e, obj)
+                return
+            ok = self._ring.put(_TAG_PICKLE, parts, block, -1.0 if timeout is None else
                                 _timeout(timeout), self._bound)
         if not ok:
             raise _queue.Full
+
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        """Called (inside the ``except`` block) when ``put`` could not pickle ``obj``;
+        multiprocessing's hook of the same name, for overriding: prints the traceback."""
+        import traceback
+        traceback.print_exc()
 
     def get(self, block=True, timeout=None):
         if self._closed:
