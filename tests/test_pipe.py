@@ -222,3 +222,78 @@ def test_no_leaked_fds():
         del r, w
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds0
+
+
+# ---- passing fds and Connections (CPython's test_fd_transfer, test_access) ----
+
+
+def _write_to_passed_fd(conn, data):
+    from multiprocessing import reduction
+
+    fd = reduction.recv_handle(conn)
+    with open(fd, "wb", closefd=True) as f:
+        f.write(data)
+    conn.send("written")
+    conn.send(conn.recv() * 2)   # messages and fds interleave on the one end
+
+
+def test_send_handle_over_a_duplex_pipe(ctx, tmp_path):
+    # multiprocessing's duplex Pipe is a socketpair: reduction.send_handle/recv_handle pass
+    # file descriptors over conn.fileno() (OSError: Socket operation on non-socket before)
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_write_to_passed_fd, args=(b, b"passed"))
+    p.start()
+    b.close()
+    path = tmp_path / "out"
+    with open(path, "wb") as f:
+        reduction.send_handle(a, f.fileno(), p.pid)
+    assert a.recv() == "written"
+    a.send(21)
+    assert a.recv() == 42
+    p.join(60)
+    assert p.exitcode == 0
+    assert path.read_bytes() == b"passed"
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_recv_handle_without_an_fd_raises_runtimeerror():
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    os.write(b.fileno(), b"\0")   # a byte with no fd attached
+    with pytest.raises(RuntimeError):
+        reduction.recv_handle(a)
+
+
+def _use_passed_ends(conn):
+    w = conn.recv()
+    w.send("all is well")
+    w.close()
+    r = conn.recv()
+    conn.send(r.recv() * 2)
+    conn.close()
+
+
+def test_a_sent_connection_may_be_closed_at_once(ctx):
+    # the sender closes its end right after sending it, as multiprocessing allows (the
+    # receiver got EOFError, or FileNotFoundError opening /proc/<pid>/fd/N, before)
+    conn, child = pp.Pipe()
+    p = ctx.Process(target=_use_passed_ends, args=(child,))
+    p.start()
+    child.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(w)
+    w.close()
+    assert r.recv() == "all is well"
+    r.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(r)
+    r.close()
+    w.send("foobar")
+    w.close()
+    assert conn.recv() == "foobar" * 2
+    p.join(60)
+    assert p.exitcode == 0
