@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import collections
 import copyreg
-import errno
 import fcntl
 import io
 import os
