@@ -227,6 +227,17 @@ def test_no_leaked_fds():
 # ---- passing fds and Connections (CPython's test_fd_transfer, test_access) ----
 
 
+@pytest.fixture
+def resource_sharer():
+    """A Connection sent outside a child's start travels through multiprocessing's resource
+    sharer, a thread of this process: stopped afterwards (as CPython's tests do), so that later
+    tests do not fork a multi-threaded process."""
+    from multiprocessing import resource_sharer
+
+    yield
+    resource_sharer.stop(timeout=60)
+
+
 def _write_to_passed_fd(conn, data):
     from multiprocessing import reduction
 
@@ -277,7 +288,7 @@ def _use_passed_ends(conn):
     conn.close()
 
 
-def test_a_sent_connection_may_be_closed_at_once(ctx):
+def test_a_sent_connection_may_be_closed_at_once(ctx, resource_sharer):
     # the sender closes its end right after sending it, as multiprocessing allows (the
     # receiver got EOFError, or FileNotFoundError opening /proc/<pid>/fd/N, before)
     conn, child = pp.Pipe()
