@@ -1,7 +1,9 @@
 """The README's code runs as written: the quick tour's block is tests/readme_tour.py, word for
 word, and running that script prints what the README says it prints; every other python block
 runs as printed in a fresh interpreter (the Dask block on a scheduler and worker started with
-the README's own commands, its placeholder address replaced by theirs)."""
+the README's own commands, its placeholder address replaced by theirs), and so do the shell
+commands of the command runner (on command files the test writes). The installation blocks
+(make demo/test, pip install) are what builds the environment these tests run in."""
 import os
 import re
 import subprocess
@@ -140,3 +142,26 @@ def test_readme_dask_block_runs_as_printed(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
+
+
+def test_readme_runner_commands_run_as_printed(tmp_path):
+    # the command files and script they name are the test's (placeholders); the commands are
+    # the README's, run by the shell from this interpreter's bin directory
+    [block] = [c for h, c in _blocks("sh") if h == "Running shell commands"]
+    (tmp_path / "downloads.txt").write_text("# two downloads\necho a.csv\n\necho b.gz\n")
+    (tmp_path / "export.txt").write_text("echo exported\n")
+    script = tmp_path / "export.sh"
+    script.write_text('#!/bin/sh\necho "$@"\n')
+    script.chmod(0o755)
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable),
+                                                 os.environ.get("PATH", "")]))
+    outs = []
+    for line in block.splitlines():
+        cmd = line.split("  #")[0].strip()
+        out = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, (cmd, out.stderr)
+        outs.append(out.stdout)
+    assert sorted(outs[0].split()) == ["[1]", "[2]", "a.csv", "b.gz"]
+    assert [p.read_text() for p in (tmp_path / "logs").glob("*.out")] == ["exported\n"]
+    assert len(outs[2].splitlines()) == 10 and "--from 9000 --count 1000" in outs[2]
