@@ -63,9 +63,7 @@ CELLS = [
         seen = []
         out = pool.map(square, range(50), progress=True)
         pool.map(square, range(20), chunksize=5, progress=lambda done, total: seen.append((done, total)))
-        import importlib.util
         print("progress:", out[-1], seen)
-        print("widgets:", importlib.util.find_spec("ipywidgets") is not None)
     """),
     ("initializer", """
         OFFSET = 0
@@ -294,17 +292,16 @@ def test_lambda(notebook):
 def test_progress_bar(notebook):
     cell = notebook["progress"][0]
     _no_error(cell)
-    # progress=True: tqdm.auto's bar (text on stderr without ipywidgets, a widget with them),
-    # reaching the total; a callable gets (done, total) as chunks finish
+    # progress=True: tqdm.auto's widget (ipywidgets comes with the progress and test extras),
+    # not a text bar with "TqdmWarning: IProgress not found"; a callable gets (done, total) as
+    # chunks finish
     assert _line(cell, "progress:") == "2401 [(5, 20), (10, 20), (15, 20), (20, 20)]"
     stderr = "".join(o.get("text", "") for o in cell.outputs
                      if o.output_type == "stream" and o.name == "stderr")
     widgets = [o for o in cell.outputs if o.output_type == "display_data"
                and "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    if _line(cell, "widgets:") == "True":  # ipywidgets (not a test extra) makes it a widget
-        assert widgets, cell.outputs
-    else:
-        assert not widgets and re.search(r"\b50/50\b", stderr), cell.outputs
+    assert len(widgets) == 1, cell.outputs
+    assert "Warning" not in stderr and "50/50" not in stderr, cell.outputs
 
 
 def test_initializer_sets_a_global(notebook):

@@ -286,7 +286,10 @@ def test_send_blocks_while_too_much_is_unread(ctx, monkeypatch):
 
     t = threading.Thread(target=send_all)
     t.start()
-    t.join(1.0)
+    deadline = time.monotonic() + 60
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t.join(0.5)
     assert t.is_alive() and len(sent) == 1        # the second would leave 1.2 MiB unread
     st = w._out.ring.stats()
     assert st["pending"] == 600 << 10 and w._out.ring.qsize() == 1
@@ -329,3 +332,89 @@ def test_ctrl_c_interrupts_blocked_send():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "interrupted 819200 False"
+
+
+# ---- passing fds and Connections (CPython's test_fd_transfer, test_access) ----
+
+
+@pytest.fixture
+def resource_sharer():
+    """A Connection sent outside a child's start travels through multiprocessing's resource
+    sharer, a thread of this process: stopped afterwards (as CPython's tests do), so that later
+    tests do not fork a multi-threaded process."""
+    from multiprocessing import resource_sharer
+
+    yield
+    resource_sharer.stop(timeout=60)
+
+
+def _write_to_passed_fd(conn, data):
+    from multiprocessing import reduction
+
+    fd = reduction.recv_handle(conn)
+    with open(fd, "wb", closefd=True) as f:
+        f.write(data)
+    conn.send("written")
+    conn.send(conn.recv() * 2)   # messages and fds interleave on the one end
+
+
+def test_send_handle_over_a_duplex_pipe(ctx, tmp_path):
+    # multiprocessing's duplex Pipe is a socketpair: reduction.send_handle/recv_handle pass
+    # file descriptors over conn.fileno() (OSError: Socket operation on non-socket before)
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_write_to_passed_fd, args=(b, b"passed"))
+    p.start()
+    b.close()
+    path = tmp_path / "out"
+    with open(path, "wb") as f:
+        reduction.send_handle(a, f.fileno(), p.pid)
+    assert a.recv() == "written"
+    a.send(21)
+    assert a.recv() == 42
+    p.join(60)
+    assert p.exitcode == 0
+    assert path.read_bytes() == b"passed"
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_recv_handle_without_an_fd_raises_runtimeerror():
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    os.write(b.fileno(), b"\0")   # a byte with no fd attached
+    with pytest.raises(RuntimeError):
+        reduction.recv_handle(a)
+
+
+def _use_passed_ends(conn):
+    w = conn.recv()
+    w.send("all is well")
+    w.close()
+    r = conn.recv()
+    conn.send(r.recv() * 2)
+    conn.close()
+
+
+def test_a_sent_connection_may_be_closed_at_once(ctx, resource_sharer):
+    # the sender closes its end right after sending it, as multiprocessing allows (the
+    # receiver got EOFError, or FileNotFoundError opening /proc/<pid>/fd/N, before)
+    conn, child = pp.Pipe()
+    p = ctx.Process(target=_use_passed_ends, args=(child,))
+    p.start()
+    child.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(w)
+    w.close()
+    assert r.recv() == "all is well"
+    r.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(r)
+    r.close()
+    w.send("foobar")
+    w.close()
+    assert conn.recv() == "foobar" * 2
+    p.join(60)
+    assert p.exitcode == 0

@@ -4,6 +4,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 import pytest
 
@@ -75,6 +76,20 @@ def test_progress_true_uses_tqdm_and_needs_the_extra(monkeypatch, capsys):
         with pytest.raises(TypeError, match="progress must be"):
             p.map(square, range(3), progress="yes")
         assert not p._cache  # nothing was submitted
+
+
+def test_progress_true_in_jupyter_needs_ipywidgets(monkeypatch):
+    # tqdm.auto in a Jupyter kernel without ipywidgets warns (TqdmWarning: IProgress not
+    # found) and prints a text bar: refuse before any work instead, naming the extra
+    pytest.importorskip("tqdm")
+    kernel = types.SimpleNamespace(config={"IPKernelApp": {}})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # as if it were not installed
+    with pp.Pool(1) as p:
+        with pytest.raises(ImportError, match=r"ipywidgets in Jupyter: pip install "
+                                              r"'pyparallel\[progress\]'"):
+            p.map(square, range(3), progress=True)
+        assert not p._cache
 
 
 # ---- per-task timeouts ----

@@ -206,19 +206,45 @@ def _pickling_error(obj):
     raise AssertionError(f"{obj!r} pickles")
 
 
-def test_unpicklable_item_raises_in_caller_and_leaves_queue_unchanged():
+def test_unpicklable_item_goes_to_the_feeder_error_hook_and_later_puts_go_on(capsys):
+    # multiprocessing (bpo-30414, bpo-33078): put returns, the item is dropped and
+    # Queue._on_queue_feeder_error(e, obj) prints its traceback; the queue goes on
     q = pp.Queue()
     q.put("before")
-    lock, fn = threading.Lock(), lambda: 0
-    with pytest.raises(_pickling_error(lock)) as info:
-        q.put(lock)
-    assert type(info.value) is _pickling_error(lock)
-    with pytest.raises(_pickling_error(fn)) as info:
-        q.put(fn)
-    assert type(info.value) is _pickling_error(fn)
+    q.put(threading.Lock())
+    err = capsys.readouterr().err
+    assert f"{_pickling_error(threading.Lock()).__name__}: cannot pickle '_thread.lock' object" in err
     assert q.qsize() == 1
     q.put("after")
     assert [q.get(), q.get()] == ["before", "after"]
+    bounded = pp.Queue(maxsize=1)
+    bounded.put(threading.Lock())      # takes no room
+    bounded.put(True, timeout=60)
+    assert bounded.qsize() == 1 and bounded.get() is True and bounded.empty()
+    with pytest.raises(queue.Full):    # a full queue refuses before anything is pickled
+        bounded.put(1)
+        bounded.put(threading.Lock(), block=False)
+    jq = pp.JoinableQueue()
+    jq.put(threading.Lock())           # counts no unfinished task (multiprocessing's join hangs)
+    jq.join()
+    capsys.readouterr()
+
+
+class _HookQueue(pp.Queue):
+    seen = []
+
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        _HookQueue.seen.append((type(e), obj))
+
+
+def test_feeder_error_hook_can_be_overridden():
+    q = _HookQueue()
+    lock = threading.Lock()
+    q.put(lock)
+    q.put(True)
+    assert q.get(timeout=60) is True
+    assert _HookQueue.seen == [(TypeError, lock)]
 
 
 class _Bytes(bytes):
@@ -240,6 +266,12 @@ class _Obj:
     pass
 
 
+class _Raising(pp.Queue):
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        raise e
+
+
 def test_bytes_and_bytes_subclasses_round_trip_exactly():
     q = pp.Queue()
     for x in (b"", b"x" * 64, _Bytes(b"sub"), b"y" * 100_000, _Bytes(b"z" * 100_000)):
@@ -253,9 +285,10 @@ def test_picklers_are_reused_safely():
     q.put(_Nested(other))                     # a put inside a put's pickling
     assert q.get() == "outer" and other.get() == "nested"
     half = [1, threading.Lock()]
-    with pytest.raises(_pickling_error(half)) as info:
-        q.put(half)                           # fails half way through a pickle
-    assert type(info.value) is _pickling_error(half)
+    with pytest.raises(_pickling_error(half)):
+        pp.SimpleQueue().put(half)            # fails half way through a pickle
+    with pytest.raises(_pickling_error(half)):
+        _Raising().put(half)
     obj = _Obj()
     ref = weakref.ref(obj)
     q.put([obj, obj, (obj,)])                 # the pickler's memo must not keep obj alive
