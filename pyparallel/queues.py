@@ -52,8 +52,8 @@ from __future__ import annotations
 
 import collections
 import copyreg
+import errno
 import fcntl
-import io
 import os
 import pickle
 import queue as _queue
