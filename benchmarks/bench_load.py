@@ -35,6 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import bench_ipc  # this folder: the queue ping-pong is bench_ipc's latency
 import pyparallel
 
 WORKLOADS = ("W8", "W1", "W9", "Q", "W10")
@@ -46,11 +47,6 @@ def square(x):
 
 def noop(*_):
     return None
-
-
-def _ponger(a, b, n):
-    for _ in range(n):
-        b.put(a.get())
 
 
 class Busy:
@@ -128,21 +124,8 @@ def w9(pool, n=20_000):
 
 
 def ping_pong(lib, n=2000):
-    msg = os.urandom(64)
-    ctx = multiprocessing.get_context("fork")
-    make = pyparallel.Queue if lib == "pyparallel" else ctx.Queue
-    qa, qb = make(), make()
-    p = ctx.Process(target=_ponger, args=(qa, qb, n))
-    p.start()
-    qa.put(msg)
-    qb.get()
-    t0 = time.perf_counter()
-    for _ in range(n - 1):
-        qa.put(msg)
-        qb.get()
-    dt = time.perf_counter() - t0
-    p.join()
-    return dt / (n - 1) * 1e6
+    """bench_ipc's queue latency: 64-byte round trips through a pair of queues to a child."""
+    return bench_ipc.latency(pyparallel.Queue if lib == "pyparallel" else bench_ipc.CTX.Queue, n)
 
 
 def w10(lib, workers, method, n):
