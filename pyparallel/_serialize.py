@@ -117,17 +117,27 @@ def _worker_namespace(module: str) -> dict:
 _standins: dict = {}
 
 
+def _load_code(data, source):
+    """A code object sent by value: marshal keeps its file name, and ``source`` (a notebook
+    cell's linecache entry, or None for a real file) lets the worker's traceback show its
+    lines, as the sender's would."""
+    code = marshal.loads(data)
+    if source is not None:
+        linecache.cache.setdefault(code.co_filename, source)
+    return code
+
+
+def _reduce_code(code):
+    return _load_code, (marshal.dumps(code), _cell_source(code.co_filename))
+
+
 def _make_function(module, name, code, ncells):
-    if type(code) is bytes:  # marshal keeps co_filename: tracebacks show the source line
-        code = marshal.loads(code)
     cells = tuple(types.CellType() for _ in range(ncells)) if ncells else None
     return types.FunctionType(code, _worker_namespace(module), name, None, cells)
 
 
 def _fill_function(func, state):
-    qualname, module, defaults, kwdefaults, cells, fdict, shipped, doc, source = state
-    if source is not None:  # a notebook cell's lines, for the worker's tracebacks
-        linecache.cache.setdefault(func.__code__.co_filename, source)
+    qualname, module, defaults, kwdefaults, cells, fdict, shipped, doc = state
     ns = func.__globals__
     for k, v in shipped.items():
         if k not in ns:  # never overwrite what the worker has
@@ -222,6 +232,11 @@ def _make_pickler_class():
                     return (make, args, (state, obj.__module__, name, setstate), li, di,
                             _register_class_state)
                 return rv
+            if t is types.CodeType:
+                # every function sent by value, also those cloudpickle sends itself (a
+                # classmethod, a method of a class sent by value), which would otherwise
+                # arrive as "<dynamic-code>" with no source line in its tracebacks
+                return _reduce_code(obj)
             return super().reducer_override(obj)
 
         def _func_reduce(self, func):
@@ -239,9 +254,8 @@ def _make_pickler_class():
                 except ValueError:
                     cells.append(_EMPTY)
             state = (func.__qualname__, module, func.__defaults__, func.__kwdefaults__,
-                     tuple(cells), dict(func.__dict__) or None, shipped, func.__doc__,
-                     _cell_source(func.__code__.co_filename))
-            args = (module, func.__name__, marshal.dumps(func.__code__), len(cells))
+                     tuple(cells), dict(func.__dict__) or None, shipped, func.__doc__)
+            args = (module, func.__name__, func.__code__, len(cells))
             return (_make_function, args, state, None, None, _fill_function)
 
     return Pickler

@@ -133,6 +133,14 @@ def _check_chunksize(chunksize):
         raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
 
 
+def _check_callbacks(callback, error_callback):
+    """TypeError at the call for a callback that cannot be called (multiprocessing takes it
+    and fails later, in its result thread)."""
+    for name, cb in (("callback", callback), ("error_callback", error_callback)):
+        if cb is not None and not callable(cb):
+            raise TypeError(f"{name} must be callable or None, not {type(cb).__name__}")
+
+
 def _check_timeout(task_timeout):
     if task_timeout is None:
         return None
@@ -310,6 +318,7 @@ class Pool:
                    progress=None, task_timeout=None):
         self._check_running()
         _check_chunksize(chunksize)
+        _check_callbacks(callback, error_callback)
         timeout = self._timeout(task_timeout)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
@@ -406,6 +415,7 @@ class Pool:
                     task_timeout=None):
         """``func(*args, **kwds)`` in a worker: an AsyncResult."""
         self._check_running()
+        _check_callbacks(callback, error_callback)
         timeout = self._timeout(task_timeout)
         if _is_kernel(func) and not kwds and getattr(self._backend, "runs_kernels_in_process",
                                                      False):
@@ -532,6 +542,7 @@ class ThreadPool(_mpp.ThreadPool):
         super().__init__(processes, initializer, initargs)
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        _check_callbacks(callback, error_callback)
         return super().apply_async(func, args, kwds, _guard(callback), _guard(error_callback))
 
     def map(self, func, iterable, chunksize=None):
@@ -542,5 +553,6 @@ class ThreadPool(_mpp.ThreadPool):
 
     def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
                    error_callback=None):
+        _check_callbacks(callback, error_callback)
         return super()._map_async(func, iterable, mapper, chunksize, _guard(callback),
                                   _guard(error_callback))

@@ -12,11 +12,16 @@ What is different from multiprocessing (and why it is safe to switch):
 
 - **No feeder thread.** When ``put`` returns, the item is in shared memory: a producer that
   exits (or is killed) right after ``put`` loses nothing. ``qsize()`` is exact everywhere.
+  An item that cannot be pickled is dropped and passed to ``Queue._on_queue_feeder_error(e,
+  obj)`` (which prints the traceback), as multiprocessing's feeder thread does, but in
+  ``put`` itself; later puts go on.
 - **Pickled by handle.** A queue or a Connection can be passed as an argument to ``pp.Pool``
   or ``multiprocessing.Pool`` tasks, to ``multiprocessing.Process`` or ``pp.Process`` under any
   start method, put on another queue, or inherited under fork. (multiprocessing refuses this
   with "Queue objects should only be shared between processes through inheritance".) As with
-  ``pp.Value``, the process that pickles a queue must keep it alive until it is unpickled.
+  ``pp.Value``, the process that pickles a queue must keep it alive until it is unpickled;
+  a Connection's fds travel as multiprocessing sends its own (``reduction.DupFd``), so its
+  sender may close it right after sending it.
 - **Survives a killed peer.** A producer or consumer killed (SIGKILL) in the middle of a put
   or get never wedges the queue: its lock is taken over within about 5 ms and at most the one
   message it was moving is lost; ``qsize()`` stays right.
@@ -28,12 +33,20 @@ What is different from multiprocessing (and why it is safe to switch):
 The rings are in ``src/queue.c``; its header comment has the commit protocol that keeps the
 state consistent at every point a process can die. Blocking waits release the GIL, honour their
 timeout and let Ctrl-C through. An unbounded queue holds up to 4 GiB of pending small messages
-(and any number of big ones); past that, ``put`` waits as on a full bounded queue.
+(and any number of big ones); past that, ``put`` waits as on a full bounded queue. Like
+multiprocessing's, ``put`` never waits on bytes unless asked: ``Queue(maxbytes=N)`` (pyparallel's
+own keyword) makes it wait while the queue is not empty and would hold more than N unread bytes.
+A Pipe's ``send`` waits while the other end has more than ``_PIPE_MAX_UNREAD`` bytes unread
+(multiprocessing's waits on its socket buffer), and fails with BrokenPipeError once the other
+end is closed everywhere, giving back what no one will read.
 
-A Pipe's end is a ring for the data plus an OS pipe that carries one byte per message: its read
-end is ``fileno()`` (for ``multiprocessing.connection.wait`` and ``select``), and it reports
-end-of-file when every holder of the other end closed it or died, exactly like the sockets
-under multiprocessing's Pipe.
+A Pipe's end is a ring for the data plus an fd that carries one byte per message: as under
+multiprocessing, a socketpair's socket for a duplex Pipe (so ``reduction.send_handle`` and
+``recv_handle`` pass fds over ``fileno()``) and an OS pipe's end for a one-way one. It is
+``fileno()`` (for ``multiprocessing.connection.wait`` and ``select``), and it reports
+end-of-file when every holder of the other end closed it or died. A duplex end's sends wait
+while the socket holds as many unread messages as its buffer takes (a few hundred; the
+system's ``net.core.wmem_max`` caps it), as multiprocessing's do.
 """
 from __future__ import annotations
 
@@ -41,11 +54,13 @@ import collections
 import copyreg
 import errno
 import fcntl
-import io
 import os
 import pickle
 import queue as _queue
 import select
+import socket
+import sys
+import termios
 import weakref
 import multiprocessing.context as _mpctx
 import multiprocessing.reduction as _reduction
@@ -63,6 +78,11 @@ _TAG_RAW = 2      # Queue.put of an exact bytes object: sent as is, received as 
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _RECV_SPIN_S = 50e-6   # how long recv waits on the ring before it sleeps on the fd
+# A Pipe's send waits while the other end has more than this many bytes unread (what a
+# socket's buffer does under multiprocessing's Pipe); one message bigger than that goes once
+# the earlier ones were read.
+_PIPE_MAX_UNREAD = 64 << 20
+_SEND_SLICE_S = 0.1    # a blocked send checks this often that the other end is still open
 
 
 class _Pickler(pickle.Pickler):
@@ -134,8 +154,14 @@ def _unpack(msg):
 
 
 def _timeout(timeout):
-    # multiprocessing treats a negative timeout as zero (its SemLock does)
-    return -1.0 if timeout is None else max(0.0, float(timeout))
+    # multiprocessing treats a negative timeout as zero (its SemLock does), and refuses what
+    # is not a number with TypeError (SemLock's PyFloat_AsDouble, or `monotonic() + timeout`):
+    # float() alone would parse a string
+    if timeout is None:
+        return -1.0
+    if not (hasattr(type(timeout), "__float__") or hasattr(type(timeout), "__index__")):
+        raise TypeError(f"timeout must be a real number, not {type(timeout).__name__}")
+    return max(0.0, float(timeout))
 
 
 # ------------------------------------------------------------------------------------------
@@ -157,12 +183,17 @@ def _new_ring():
     return ref
 
 
-def _fd_handle(fd):
+def _fd_handle(fd, dup=False):
     """How a child finds our `fd`: while multiprocessing is starting a child (spawn,
     forkserver), the fd travels with it (DupFd, as multiprocessing sends its Connections), so
     this process may close it right after start(); otherwise the receiver opens
-    /proc/<pid>/fd/<fd>, and this process must hold the fd until then."""
+    /proc/<pid>/fd/<fd>, and this process must hold the fd until then. With `dup` (a
+    Connection's fds), it always travels as multiprocessing's DupFd: outside a child's start,
+    multiprocessing's resource sharer holds a duplicate until the receiver takes it, so the
+    sender may close its end at once (and a socket, which /proc cannot open, goes too)."""
     popen = _mpctx.get_spawning_popen()
+    if popen is None and dup:
+        return (_reduction.DupFd(fd),)
     if popen is not None:
         # One DupFd per fd per child (a ring can be in both ends of a Pipe sent together):
         # the child's fds_to_keep must not repeat an fd.
@@ -186,8 +217,8 @@ def _detach_once(dup):
     return fd
 
 
-def _ring_handle(ref):
-    return (_fd_handle(ref.ring.fd), ref.ring.ino)
+def _ring_handle(ref, dup=False):
+    return (_fd_handle(ref.ring.fd, dup), ref.ring.ino)
 
 
 def _attach_ring(handle):
@@ -216,19 +247,27 @@ def _attach_ring(handle):
 class Queue:
     """multiprocessing.Queue on a shared-memory ring (see the module docstring)."""
 
-    def __init__(self, maxsize=0, *, ctx=None):
+    def __init__(self, maxsize=0, *, ctx=None, maxbytes=None):
         if not isinstance(maxsize, int):
             raise TypeError("maxsize must be an integer, not %s" % type(maxsize).__name__)
+        if maxbytes is not None and (not isinstance(maxbytes, int) or maxbytes <= 0):
+            raise ValueError("maxbytes must be a positive integer or None")
         # As multiprocessing: maxsize <= 0 means unbounded.
         self._maxsize = maxsize if maxsize > 0 else _SEM_VALUE_MAX
         self._bound = maxsize if maxsize > 0 else 0
+        # Unread bytes are bounded only when asked (pyparallel's own keyword): put() then
+        # waits while the queue is not empty and would hold more than `maxbytes` unread
+        # bytes. multiprocessing's put never waits on bytes (its feeder thread buffers them
+        # in the producer), so a default bound could hang a program that works there.
+        self._maxbytes = maxbytes or 0
         self._ref = _new_ring()
         self._ring = self._ref.ring
         self._closed = False
         self._joincancelled = False
 
     def __reduce__(self):
-        return (_rebuild_queue, (type(self), _ring_handle(self._ref), self._maxsize, self._bound))
+        return (_rebuild_queue, (type(self), _ring_handle(self._ref), self._maxsize, self._bound,
+                                 self._maxbytes))
 
     def _check_closed(self):
         if self._closed:
@@ -238,15 +277,31 @@ class Queue:
         if self._closed:
             self._check_closed()
         # Bytes go as they are (what pickling them and unpickling gives back); anything else
-        # is pickled here, so that an unpicklable item fails before the queue is touched.
+        # is pickled here, before the queue is touched.
         if type(obj) is bytes:
             ok = self._ring.put(_TAG_RAW, obj, block, -1.0 if timeout is None else
-                                _timeout(timeout), self._bound)
+                                _timeout(timeout), self._bound, self._maxbytes)
         else:
-            ok = self._ring.put(_TAG_PICKLE, _dumps(obj), block, -1.0 if timeout is None else
-                                _timeout(timeout), self._bound)
+            try:
+                parts = _dumps(obj)
+            except Exception as e:
+                # As multiprocessing's feeder thread: the item is dropped (it takes no room
+                # and no unfinished task), the hook is told, and put returns.
+                if not block and self.full():
+                    raise _queue.Full from None
+                self._on_queue_feeder_error(e, obj)
+                return
+            ok = self._ring.put(_TAG_PICKLE, parts, block, -1.0 if timeout is None else
+                                _timeout(timeout), self._bound, self._maxbytes)
         if not ok:
             raise _queue.Full
+
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        """Called (inside the ``except`` block) when ``put`` could not pickle ``obj``;
+        multiprocessing's hook of the same name, for overriding: prints the traceback."""
+        import traceback
+        traceback.print_exc()
 
     def get(self, block=True, timeout=None):
         if self._closed:
@@ -294,10 +349,11 @@ class JoinableQueue(Queue):
             pass
 
 
-def _rebuild_queue(cls, handle, maxsize, bound):
+def _rebuild_queue(cls, handle, maxsize, bound, maxbytes=0):
     q = cls.__new__(cls)
     q._maxsize = maxsize
     q._bound = bound
+    q._maxbytes = maxbytes
     q._ref = _attach_ring(handle)
     q._ring = q._ref.ring
     q._closed = False
@@ -352,25 +408,9 @@ def _rebuild_simple(handle):
 # ------------------------------------------------------------------------------------------
 # Pipe and Connection
 
-def _open_pipe_end(fdh, write):
-    """Our own fd for a pipe end sent as _fd_handle(fd)."""
-    if len(fdh) == 1:
-        return fdh[0].detach()
-    pid, fd = fdh
-    path = "/proc/%d/fd/%d" % (pid, fd)
-    flags = (os.O_WRONLY if write else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        nfd = os.open(path, flags)   # O_NONBLOCK: a FIFO open must not wait for the other end
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            "connection is gone: process %d no longer holds it (the process that sends a "
-            "Connection must keep it open until it is received)" % pid) from None
-    except OSError as e:
-        if e.errno == errno.ENXIO:
-            raise BrokenPipeError(errno.EPIPE, "the other end of the connection is closed") from None
-        raise
-    os.set_blocking(nfd, True)
-    return nfd
+def _open_pipe_end(fdh):
+    """Our own fd for a Connection's fd sent as _fd_handle(fd, dup=True)."""
+    return fdh[0].detach()
 
 
 class Connection:
@@ -379,8 +419,11 @@ class Connection:
     def __init__(self, inbound, rfd, outbound, wfd):
         self._in = inbound          # _RingRef or None
         self._out = outbound
-        self._rfd = rfd             # read end of the inbound pipe, or None
-        self._wfd = wfd             # write end of the outbound pipe, or None
+        # The fd that carries one byte per message: duplex, both are this end's socket of a
+        # socketpair (as under multiprocessing's duplex Pipe, so that fileno() passes fds
+        # with multiprocessing.reduction.send_handle/recv_handle); otherwise an OS pipe's end.
+        self._rfd = rfd             # where the inbound bytes arrive, or None
+        self._wfd = wfd             # where the outbound bytes go, or None
         self._readable = rfd is not None
         self._writable = wfd is not None
         self._closed = False
@@ -418,7 +461,7 @@ class Connection:
     def close(self):
         if not self._closed:
             self._closed = True
-            for fd in (self._rfd, self._wfd):
+            for fd in {self._rfd, self._wfd}:
                 if fd is not None:
                     os.close(fd)
             self._rfd = self._wfd = None
@@ -438,14 +481,48 @@ class Connection:
 
     def __reduce__(self):
         self._check_closed()
-        inb = None if self._rfd is None else (_ring_handle(self._in), _fd_handle(self._rfd))
-        outb = None if self._wfd is None else (_ring_handle(self._out), _fd_handle(self._wfd))
+        inb = None if self._rfd is None else (_ring_handle(self._in, True),
+                                              _fd_handle(self._rfd, True))
+        if self._wfd is None:
+            outb = None
+        elif self._wfd == self._rfd:   # duplex: one socket
+            outb = (_ring_handle(self._out, True), None)
+        else:
+            outb = (_ring_handle(self._out, True), _fd_handle(self._wfd, True))
         return (_rebuild_connection, (inb, outb))
 
     # -- sending
     def _send(self, tag, parts):
-        self._out.ring.put(tag, parts, True, -1.0, 0)
-        os.write(self._wfd, b"\0")   # BrokenPipeError once every reader is gone
+        ring = self._out.ring
+        try:
+            if not ring.put(tag, parts, False, 0.0, 0, _PIPE_MAX_UNREAD):
+                # The other end holds _PIPE_MAX_UNREAD unread bytes: wait for it to read, in
+                # slices, so that an end closed (or a reader dead) meanwhile ends the wait.
+                while True:
+                    if self._peer_gone():
+                        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+                    if ring.put(tag, parts, True, _SEND_SLICE_S, 0, _PIPE_MAX_UNREAD):
+                        break
+            os.write(self._wfd, b"\0")   # BrokenPipeError once every reader is gone
+        except BrokenPipeError:
+            self._drop_unread()
+            raise
+
+    def _peer_gone(self):
+        """Whether every holder of the other end closed it (or died): nothing will ever read
+        what this end sends."""
+        p = select.poll()
+        p.register(self._wfd, select.POLLOUT)
+        ev = p.poll(0)
+        # an OS pipe's write end shows POLLERR, a duplex end's socket POLLHUP
+        return bool(ev) and bool(ev[0][1] & (select.POLLERR | select.POLLHUP))
+
+    def _drop_unread(self):
+        """Gives back what this end sent and no one will read (the other end is closed
+        everywhere): the shared memory of those messages returns to the system now."""
+        ring = self._out.ring
+        while ring.get(False, 0.0) is not None:
+            pass
 
     def send(self, obj):
         """Send a (picklable) object."""
@@ -500,7 +577,8 @@ class Connection:
                 p = select.poll()
                 p.register(self._rfd, select.POLLIN)
                 ev = p.poll(0)
-                if ev and not ev[0][1] & select.POLLIN:
+                # every holder of the other end closed it (or died), and no byte is left
+                if ev and ev[0][1] & (select.POLLHUP | select.POLLERR) and not _unread(self._rfd):
                     raise EOFError
 
     def recv(self):
@@ -568,15 +646,34 @@ def _rebuild_connection(inb, outb):
     try:
         if inb is not None:
             inbound = _attach_ring(inb[0])
-            rfd = _open_pipe_end(inb[1], False)
+            rfd = _open_pipe_end(inb[1])
         if outb is not None:
             outbound = _attach_ring(outb[0])
-            wfd = _open_pipe_end(outb[1], True)
+            wfd = rfd if outb[1] is None else _open_pipe_end(outb[1])
     except BaseException:
         if rfd is not None:
             os.close(rfd)
         raise
     return Connection(inbound, rfd, outbound, wfd)
+
+
+def _unread(fd):
+    """How many bytes wait to be read on a pipe or socket."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+def _socketpair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)   # close-on-exec
+    try:
+        for sock in (a, b):
+            try:   # room for more unread messages (the system caps it: net.core.wmem_max)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            except OSError:
+                pass
+        return a.detach(), b.detach()
+    finally:
+        a.close()
+        b.close()
 
 
 def _os_pipe():
@@ -589,18 +686,14 @@ def _os_pipe():
 
 
 def Pipe(duplex=True):
-    """Returns a pair (conn1, conn2) of Connections, as multiprocessing.Pipe."""
+    """Returns a pair (conn1, conn2) of Connections, as multiprocessing.Pipe: duplex, the
+    bytes that announce the messages go over a socketpair (multiprocessing's duplex Pipe is
+    one), else over an OS pipe (as multiprocessing's one-way Pipe)."""
     if duplex:
-        r1, w1 = _os_pipe()
-        try:
-            r2, w2 = _os_pipe()
-        except BaseException:
-            os.close(r1)
-            os.close(w1)
-            raise
+        s1, s2 = _socketpair()
         a, b = _new_ring(), _new_ring()
-        # conn1 reads what conn2 writes (ring a, pipe 1) and the other way round
-        return Connection(a, r1, b, w2), Connection(b, r2, a, w1)
+        # conn1 reads what conn2 writes (ring a) and the other way round (ring b)
+        return Connection(a, s1, b, s1), Connection(b, s2, a, s2)
     r, w = _os_pipe()
     ring = _new_ring()
     return Connection(ring, r, None, None), Connection(None, None, ring, w)

@@ -17,8 +17,10 @@ Beyond multiprocessing:
 - **Atomics, lock-free**, on integer ``Value``s and ``Array`` elements: ``v.add(1)`` (returns
   the new value), ``v.fetch_add(d)``, ``v.sub``/``fetch_sub``, ``v.load()``, ``v.store(x)``,
   ``v.exchange(x)``, ``v.compare_exchange(expected, desired)`` (True when it swapped). Arrays
-  take the index first: ``a.add(i, 1)``. ``'d'``/``'f'`` items have ``load``/``store``/
-  ``exchange``. Raw objects have the same methods.
+  take the index first: ``a.add(i, 1)``. They do not wrap: an ``add``/``sub`` whose result
+  does not fit the typecode raises OverflowError and leaves the item unchanged.
+  ``'d'``/``'f'`` items have ``load``/``store``/``exchange``. Raw objects have the same
+  methods.
 - **Zero-copy numpy**: ``numpy.asarray(arr)`` and ``memoryview(arr)`` view the shared data
   (for ``Array``, ``RawArray`` and ``Value``).
 - **Pickling by handle, anywhere**: every object pickles as (pid, fd, inode, size, offset) of
@@ -678,14 +680,20 @@ class Barrier(threading.Barrier):
     """A process-shared barrier (like multiprocessing.Barrier); raises
     threading.BrokenBarrierError. A party whose process dies inside ``wait()`` breaks the
     barrier: the others get BrokenBarrierError when the last of them arrives or at their
-    timeout (multiprocessing's hang)."""
+    timeout (multiprocessing's hang).
+
+    The shared record is ``[state, pid of each party inside wait() ...]``: the count of
+    parties inside ``wait()`` is the number of pids recorded, so an arrival and a departure
+    are one store each, made under the condition's lock. A party that dies at any point
+    inside ``wait()`` leaves its pid there; the last arrival checks every recorded pid
+    before it releases the others, and a dead one breaks the barrier instead of being counted
+    as present."""
 
     def __init__(self, parties, action=None, timeout=None, *, ctx=None):
         if parties < 1:
             raise ValueError("parties must be > 0")
-        self.__setstate__((parties, action, timeout, Condition(), RawArray("i", 2)))
+        self.__setstate__((parties, action, timeout, Condition(), RawArray("i", 1 + parties)))
         self._state = 0
-        self._count = 0
 
     def __setstate__(self, state):
         (self._parties, self._action, self._timeout, self._cond, self._array) = state
@@ -703,19 +711,47 @@ class Barrier(threading.Barrier):
 
     @property
     def _count(self):
-        return self._array[1]
+        return self._parties - self._array[1:].count(0)
 
     @_count.setter
     def _count(self, value):
-        self._array[1] = value
+        # threading.Barrier.wait() only ever adds or removes its own party (under the lock):
+        # record or forget this process's pid in one slot.
+        change = value - self._count
+        old, new = (0, os.getpid()) if change > 0 else (os.getpid(), 0)
+        pids = self._array[1:]
+        for _ in range(abs(change)):
+            if old in pids:
+                i = pids.index(old)
+                pids[i] = new
+                self._array[1 + i] = new
+
+    def _drop_dead(self):
+        """Forgets every recorded party whose process died inside wait(); returns how many.
+        Called with the lock held."""
+        dropped = 0
+        for i, pid in enumerate(self._array[1:], 1):
+            if pid and _pid_dead(pid):
+                self._array[i] = 0
+                dropped += 1
+        return dropped
 
     def _release(self):
-        # A party that died inside wait() was counted as arrived: break the barrier instead of
-        # letting the others through as if it were there (threading.Barrier._release breaks
-        # it and re-raises whatever is raised here).
-        if self._cond._reap_dead():
+        # The count is complete, but a party counted in it may be dead: break the barrier
+        # instead of letting the others through as if it were there.
+        if self._drop_dead():
+            self._break()
             raise threading.BrokenBarrierError
         super()._release()
+
+    def _break(self):
+        self._drop_dead()       # a dead party never leaves: reset() must not wait for it
+        super()._break()
+
+    def reset(self):
+        with self._cond:
+            self._drop_dead()
+        super().reset()
 
 
 # ------------------------------------------------------------------------------------------

@@ -78,6 +78,7 @@ typedef struct {
     unsigned long long peer_start; /* worker: the parent's start time, against pid reuse */
     pp_partial *partial;           /* parent: one per slot */
     _Atomic int64_t lease_until;   /* parent: callers collect results themselves until then */
+    pp_spin_gate gate;             /* parent: callers' spin(); worker: recv()'s spin */
     int busy;    /* calls in progress that may release the GIL while using the mapping */
     int closing; /* close() came during such a call: the last one to finish releases */
 } ChannelObject;
@@ -702,7 +703,12 @@ Channel_spin_held(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
     Py_BEGIN_ALLOW_THREADS
     pp_chan_hdr *h = pp_hdr(ch);
     atomic_store(&h->parent_waiting, 0);
-    found = pp_spin(pp_parent_ready_cb, ch, (int64_t)(us * 1000.0));
+    int64_t spin_ns = pp_spin_budget(&ch->gate, (int64_t)(us * 1000.0));
+    found = pp_parent_ready(ch);
+    if (!found && spin_ns > 0) {
+        found = pp_spin(pp_parent_ready_cb, ch, spin_ns);
+        pp_spin_record(&ch->gate, found);
+    }
     int poke;
     if (found) {
         int64_t now = pp_now_ns();
@@ -885,8 +891,13 @@ Channel_recv_held(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObj
                 }
                 break;
             }
-            if (pp_spin(pp_ring_has_data, r, spin_ns)) {
-                continue;
+            int64_t ns = pp_spin_budget(&ch->gate, spin_ns);
+            if (ns > 0) {
+                int paid = pp_spin(pp_ring_has_data, r, ns);
+                pp_spin_record(&ch->gate, paid);
+                if (paid) {
+                    continue;
+                }
             }
             st = pp_ring_wait(r, cap, 1);
             if (st != PP_OK) {

@@ -61,6 +61,9 @@ typedef enum {
 #define PP_TUNE_WAIT_SLICE_MS 100     /* a blocked worker-side wait looks at signals */
 #define PP_TUNE_WORKER_SPIN_NS 50000  /* a worker polls this long before it sleeps (50 us) */
 #define PP_TUNE_SPIN_LEASE_NS 1000000 /* a collecting caller's lease (1 ms), see spin() */
+/* util.h's adaptive spinning: after spins that did not pay, waits sleep at once and probe
+ * with a spin after 2, 4, 8, ... waits, at most 1 << this many. */
+#define PP_TUNE_SPIN_BACKOFF_MAX 6
 /* sync.c */
 #define PP_TUNE_LOCK_SLICE_NS 50000000LL /* lock waits check signals and dead owners (50 ms) */
 #define PP_TUNE_LOCK_SPINS 64            /* attempts before a lock wait sleeps */

@@ -17,8 +17,10 @@
  * into a recycled region (ref = generation << 32 | index + 1): one of PP_Q_SLOTS fixed slices
  * of the file, mapped once, whose memory stays allocated from one message to the next, since
  * allocating and faulting in fresh shared pages costs far more than copying into warm ones.
- * Bigger messages (or all regions busy) get a fresh region at a never-reused offset (ref 0),
- * mapped per message and punched out at the end. A record that would cross the end of the
+ * Bigger messages (or all regions busy) get a fresh region at a never-reused offset, mapped
+ * per message and punched out at the end; it is named by one of PP_Q_FRESH fresh descriptors
+ * (ref = generation << 32 | PP_Q_SLOTS + index + 1), or, when all are in use, by none (ref 0).
+ * A record that would cross the end of the
  * window is preceded by a PAD record that sends the reader back to offset 0.
  *
  * Commit protocol (the state is consistent at every instruction a process can die at):
@@ -38,28 +40,37 @@
  *     except by the single store above.
  *   - The JoinableQueue count is done mod 2^30 (task_done() calls): unfinished = puts - done, so
  *     a producer killed mid-put can never leave join() waiting for an item that never arrived.
- *   - A fresh heap region is written before its record is committed; a producer that dies in
- *     between leaks that region's pages until the ring itself is freed (the message in flight).
- *   - A recycled region's state word is {generation, holder pid}, holder 0 meaning free. A
- *     producer claims a free one by compare-exchange (new generation, its pid), writes the
- *     message, stores the record's ring position in the region, and commits the put; the
- *     region then belongs to the message. The consumer stores its own pid as the holder BEFORE
- *     it commits the get, and the block it returns gives the region back (holder 0) when the
- *     last view dies, in that process only (a forked child's inherited block does not). So a
- *     region is held by a dead process only when that process was writing it (not yet
- *     committed) or had taken its message; either way no record in [head, tail) names that
- *     generation, and a producer that finds no free region takes such a one over (a
- *     compare-exchange, so a consumer that took the message meanwhile wins). A region whose
- *     message is still in the ring is never taken, whoever wrote it. Free regions keep their
- *     memory up to PP_Q_CACHE_MAX in all; past that the one given back is punched out.
+ *   - A region descriptor's state word (recycled or fresh) is {generation, holder pid},
+ *     holder 0 meaning free. A producer claims a free one by compare-exchange (new
+ *     generation, its pid), writes the message, stores the record's ring position in the
+ *     descriptor, and commits the put; the region then belongs to the message. The consumer
+ *     stores its own pid as the holder BEFORE it commits the get, and the block it returns
+ *     gives the region back (holder 0) when the last view dies, in that process only (a
+ *     forked child's inherited block does not). So a region is held by a dead process only
+ *     when that process was writing it (not yet committed) or had taken its message; either
+ *     way no record in [head, tail) names that generation, and a producer that finds no free
+ *     region takes such a one over (a compare-exchange, so a consumer that took the message
+ *     meanwhile wins); and every big put
+ *     and every region given back first sweeps (at most every PP_Q_SWEEP_NS) for such regions
+ *     and takes them all back: a recycled one goes to the free ones, a fresh one is punched
+ *     out (its descriptor names it before it is allocated, length 0 first, so a stale one
+ *     never covers another region; offsets are never reused, so punching a stale one again is
+ *     harmless). A region whose message is still in the ring is never taken, whoever wrote
+ *     it. Free recycled regions keep their memory up to PP_Q_CACHE_MAX in all; past that the
+ *     one given back is punched out. Only a fresh region that found no free descriptor (more
+ *     than PP_Q_FRESH in use) stays allocated when its producer dies before the commit.
  *     (A child that keeps using a block inherited by fork after its parent died may see that
  *     region reused: a received message belongs to the process that took it.)
+ *   - in_bytes - out_bytes counts unread payload bytes for a put's `maxbytes` bound (a Pipe's
+ *     flow control): see pp_ring_pending() for how a death between count and commit is
+ *     repaired.
  * Waits: consumers sleep on put_seq, producers (full queue) on get_seq, join() on done; a
  * waker bumps the word and calls FUTEX_WAKE only when someone sleeps. Every sleep lasts at
  * most PP_Q_SLICE_NS, so a wake-up lost with a dying process costs at most one slice, and the
  * caller checks signals (Ctrl-C) between slices. Before sleeping a waiter polls for up to
- * PP_Q_SPIN_NS, yielding the CPU every PP_Q_YIELD_NS: replies often come within microseconds,
- * and on a machine with more runnable processes than CPUs the peer may need this very CPU.
+ * PP_Q_SPIN_NS while such polls pay (util.h's spin gate, one per ring object and process):
+ * replies often come within microseconds, but on a machine with more runnable processes than
+ * CPUs the peer may need this very CPU, and then the waiter sleeps at once.
  * The GIL is released only to wait and to copy a big message into its region (outside the
  * locks); records are read and written with the GIL held, and only non-GC objects (bytes,
  * bytearray, RingBlock) are allocated under a ring lock, so no Python code can run while one
@@ -93,8 +104,8 @@
 #define FALLOC_FL_PUNCH_HOLE 0x02
 #endif
 
-#define PP_Q_MAGIC 0x7070717565756532ULL /* "ppqueue2" */
-#define PP_Q_DATA_OFF 4096               /* the header page */
+#define PP_Q_MAGIC 0x7070717565756533ULL /* "ppqueue3" */
+#define PP_Q_DATA_OFF 8192               /* the header pages */
 #define PP_Q_WINDOW_DEFAULT (1ULL << 32)
 #define PP_Q_BLOCK (256u * 1024u) /* consumed window memory is given back in these units */
 #define PP_Q_INLINE_MAX 65536     /* bigger messages get a heap region */
@@ -104,13 +115,15 @@
 #define PP_Q_SLICE_NS 50000000LL         /* longest sleep between signal checks */
 #define PP_Q_LOCK_SLICE_NS 5000000LL     /* a lock waiter checks the owner this often */
 #define PP_Q_SPIN_NS 50000LL             /* a waiter polls this long before it sleeps */
-#define PP_Q_YIELD_NS 2000LL             /* and yields the CPU this often while it polls */
 #define PP_Q_MAX_PARTS 65535
 #define PP_Q_ALIGN 64                /* heap parts start on cache lines (numpy alignment) */
 #define PP_Q_SLOTS 64                /* recycled regions per ring */
 #define PP_Q_SLOT_MAX (8ULL << 20)   /* the biggest message a recycled region carries */
 #define PP_Q_CACHE_MAX (32ULL << 20) /* free recycled regions keep at most this much memory */
 #define PP_Q_PID_MASK 0xffffffffULL
+#define PP_Q_FRESH 64                        /* fresh regions tracked for the sweep */
+#define PP_Q_DESCS (PP_Q_SLOTS + PP_Q_FRESH) /* region descriptors: recycled, then fresh */
+#define PP_Q_SWEEP_NS 2000000LL              /* dead holders are looked for at most this often */
 
 enum { PP_REC_PAD = 1, PP_REC_INLINE = 2, PP_REC_HEAP = 3 };
 
@@ -126,12 +139,15 @@ typedef struct {
     _Atomic uint32_t waiters;
 } pp_qlock;
 
-/* A recycled region: PP_Q_SLOT_MAX bytes of the file at slot_base + index * PP_Q_SLOT_MAX. */
+/* A region descriptor. Indices below PP_Q_SLOTS are the recycled regions: PP_Q_SLOT_MAX bytes
+ * of the file at slot_base + index * PP_Q_SLOT_MAX. The others describe fresh regions in use
+ * (at `off`, `len` bytes), so that one whose holder died can be punched out. */
 typedef struct {
     _Atomic uint64_t state; /* generation << 32 | holder pid; holder 0: free for the next message */
     _Atomic uint64_t pos;   /* ring position of the record carrying it (stored before the commit) */
     _Atomic uint64_t len;   /* bytes allocated from its start (changed only by its holder) */
     _Atomic uint64_t uses;  /* messages it carried (diagnostics) */
+    _Atomic uint64_t off;   /* a fresh region's file offset (changed only by its holder) */
 } pp_qslot;
 
 typedef struct {
@@ -147,17 +163,22 @@ typedef struct {
     _Atomic uint64_t P;
     _Atomic uint32_t put_seq;     /* futex: bumped after each put */
     _Atomic uint32_t get_waiters; /* consumers asleep on put_seq */
-    char pad1[40];
+    _Atomic uint64_t in_bytes;    /* payload bytes put, written under the put lock */
+    char pad1[32];
     pp_qlock glock;
     _Atomic uint64_t G;
     _Atomic uint64_t F;
     _Atomic uint32_t get_seq;     /* futex: bumped after each get */
     _Atomic uint32_t put_waiters; /* producers asleep on get_seq */
-    char pad2[32];
+    _Atomic uint64_t out_bytes;   /* payload bytes taken, written under the get lock */
+    char pad2[24];
     _Atomic uint32_t done; /* task_done() calls mod 2^30; futex for join() */
     _Atomic uint32_t join_waiters;
-    _Alignas(64) pp_qslot slots[PP_Q_SLOTS];
+    _Atomic uint64_t sweep_ns; /* when dead holders were last looked for */
+    _Alignas(64) pp_qslot slots[PP_Q_DESCS];
 } pp_qhdr;
+
+_Static_assert(sizeof(pp_qhdr) <= PP_Q_DATA_OFF, "the ring header must fit its pages");
 
 typedef struct {
     PyObject_HEAD
@@ -169,6 +190,7 @@ typedef struct {
     uint64_t window;
     unsigned long long ino;
     PyObject *block_type; /* RingBlock, for big messages */
+    pp_spin_gate gate;    /* this process's waits on the ring: spin only while it pays */
 } RingObject;
 
 typedef struct {
@@ -178,7 +200,8 @@ typedef struct {
     size_t len;
     uint64_t off;
     Py_ssize_t exports;
-    int slot;       /* the recycled region's index, or -1: a fresh region mapped for this block */
+    int slot;       /* its descriptor (recycled below PP_Q_SLOTS, else a fresh region mapped for
+                     * this block), or -1: an untracked fresh region */
     uint32_t owner; /* the process that took the message (the one that gives the region back) */
     uint64_t held;  /* the slot's state while this block holds it */
 } RingBlockObject;
@@ -246,32 +269,32 @@ pp_q_lock_wait(pp_qhdr *h, pp_qlock *l, long long deadline)
 }
 
 /* Waits (GIL released) until *word differs from `seen`, a slice ends, or the deadline passes
- * (PP_ERR_TIMEOUT). Polls first, since a reply often comes within microseconds; the poll yields
- * the CPU every PP_Q_YIELD_NS, because on a machine with more runnable processes than CPUs the
- * peer that would change the word may be waiting for this very CPU (a plain spin then costs
- * the whole spin, and a futex sleep and wake-up tens of microseconds more). */
+ * (PP_ERR_TIMEOUT). Polls first while `gate` says polling pays (a reply often comes within
+ * microseconds); never yields while it polls: on a busy machine sched_yield() hands the CPU
+ * to another runnable process for its whole slice (milliseconds), and the gate stops the
+ * polling there anyway. */
 static pp_status
-pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline)
+pp_q_wait_word(_Atomic uint32_t *word, uint32_t seen, _Atomic uint32_t *waiters, long long deadline,
+               pp_spin_gate *gate)
 {
     long long now = pp_now_ns();
-    long long spin_end = now + PP_Q_SPIN_NS;
-    long long yield_at = now + PP_Q_YIELD_NS;
+    long long spin_ns = pp_spin_budget(gate, PP_Q_SPIN_NS);
+    long long spin_end = now + spin_ns;
     if (deadline >= 0 && deadline < spin_end) {
         spin_end = deadline;
     }
     while (now < spin_end) {
         for (int i = 0; i < 32; i++) {
             if (atomic_load_explicit(word, memory_order_acquire) != seen) {
+                pp_spin_record(gate, 1);
                 return PP_OK;
             }
             pp_cpu_relax();
         }
         now = pp_now_ns();
-        if (now >= yield_at) {
-            sched_yield();
-            now = pp_now_ns();
-            yield_at = now + PP_Q_YIELD_NS;
-        }
+    }
+    if (spin_ns > 0) {
+        pp_spin_record(gate, 0);
     }
     if (atomic_load_explicit(word, memory_order_acquire) != seen) {
         return PP_OK;
@@ -673,16 +696,91 @@ pp_slot_release(RingObject *r, int i, uint64_t held)
     (void)atomic_compare_exchange_strong(&h->slots[i].state, &held, held & ~PP_Q_PID_MASK);
 }
 
+/* Takes a free descriptor for a fresh region (same protocol as the recycled ones): its index,
+ * *held set to its new state; -1 when all are in use (the region then goes untracked). */
+static int
+pp_fresh_claim(RingObject *r, uint64_t *held)
+{
+    pp_qhdr *h = r->h;
+    uint32_t me = pp_self_pid();
+    for (int i = PP_Q_SLOTS; i < PP_Q_DESCS; i++) {
+        uint64_t st = atomic_load_explicit(&h->slots[i].state, memory_order_relaxed);
+        if ((st & PP_Q_PID_MASK) != 0) {
+            continue;
+        }
+        uint64_t ns = ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[i].state, &st, ns)) {
+            *held = ns;
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Gives back the region a message used: recycled region `i` (held in state `held`) goes to
+ * the next message; a fresh one (descriptor i >= PP_Q_SLOTS, or -1: untracked) at `off` is
+ * punched out, then its descriptor freed. */
+static void
+pp_region_free(RingObject *r, int i, uint64_t held, uint64_t off, uint64_t len)
+{
+    if (i >= 0 && i < PP_Q_SLOTS) {
+        pp_slot_release(r, i, held);
+        return;
+    }
+    pp_ring_punch(r, off, len);
+    if (i >= 0) {
+        (void)atomic_compare_exchange_strong(&r->h->slots[i].state, &held, held & ~PP_Q_PID_MASK);
+    }
+}
+
+/* Takes back every region whose holder died (a producer killed before its put committed, a
+ * consumer killed while it held the message) and that no message in the ring names: a
+ * recycled one goes back to the free ones, a fresh one is punched out. Looks at most every
+ * PP_Q_SWEEP_NS (a holder costs a kill(2)); touches no Python object. A holder that is a
+ * zombie counts as alive until it is reaped. */
+static void
+pp_region_sweep(RingObject *r)
+{
+    pp_qhdr *h = r->h;
+    long long now = pp_now_ns();
+    uint64_t last = atomic_load_explicit(&h->sweep_ns, memory_order_relaxed);
+    if (now - (long long)last < PP_Q_SWEEP_NS ||
+        !atomic_compare_exchange_strong(&h->sweep_ns, &last, (uint64_t)now)) {
+        return;
+    }
+    uint32_t me = pp_self_pid();
+    for (int i = 0; i < PP_Q_DESCS; i++) {
+        uint64_t st = atomic_load(&h->slots[i].state);
+        uint32_t pid = (uint32_t)(st & PP_Q_PID_MASK);
+        if (pid == 0 || pid == me || kill((pid_t)pid, 0) == 0 || errno != ESRCH ||
+            pp_slot_queued(r, i, st)) {
+            continue;
+        }
+        uint64_t off = atomic_load(&h->slots[i].off), len = atomic_load(&h->slots[i].len);
+        uint64_t ns = ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | me;
+        if (atomic_compare_exchange_strong(&h->slots[i].state, &st, ns)) {
+            atomic_fetch_add(&h->reclaims, 1);
+            pp_region_free(r, i, ns, off, len);
+        }
+    }
+}
+
 /* Where a big message goes: a recycled region, or a fresh one of its own. */
 typedef struct {
     uint64_t off, len; /* file offset and length (len 0: none yet) */
-    int slot;          /* recycled region, or -1 */
-    uint64_t held;     /* its state while this put holds it */
+    int slot;          /* its descriptor (recycled below PP_Q_SLOTS, else fresh), or -1 */
+    uint64_t held;     /* the descriptor's state while this put holds it */
 } pp_region;
+
+static inline pp_status
+pp_alloc_status(int err)
+{
+    return (err == ENOSPC || err == ENOMEM || err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+}
 
 /* Writes the parts into a region (GIL released by the caller: touches no Python object, only
  * the held buffers): a recycled one when the message fits one and one is free, else a new
- * one at a never-used offset of the file. */
+ * one at a never-used offset of the file, named in a fresh descriptor when one is free. */
 static pp_status
 pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
 {
@@ -692,6 +790,7 @@ pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
         need += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
     uint64_t len = pp_q_round(need > 0 ? need : 1, 4096);
+    pp_region_sweep(r);
     rg->slot = len <= PP_Q_SLOT_MAX ? pp_slot_claim(r, len, &rg->held) : -1;
     char *dst;
     uint64_t off;
@@ -704,8 +803,7 @@ pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
                 *err = errno;
                 pp_slot_release(r, rg->slot, rg->held);
                 rg->slot = -1;
-                return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM
-                                                                           : PP_ERR_OS;
+                return pp_alloc_status(*err);
             }
             atomic_store(&h->slots[rg->slot].len, len);
         }
@@ -713,15 +811,27 @@ pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
         dst = r->base + off;
     }
     else {
+        rg->slot = pp_fresh_claim(r, &rg->held);
         off = atomic_fetch_add(&h->heap_next, len);
+        if (rg->slot >= 0) {
+            /* named before it is allocated, so that a sweep after this process died punches
+             * it (len first: a stale length never covers another region) */
+            atomic_store(&h->slots[rg->slot].len, 0);
+            atomic_store(&h->slots[rg->slot].off, off);
+            atomic_store(&h->slots[rg->slot].len, len);
+            atomic_fetch_add_explicit(&h->slots[rg->slot].uses, 1, memory_order_relaxed);
+        }
         if (fallocate(r->fd, 0, (off_t)off, (off_t)len) < 0) {
             *err = errno;
-            return (*err == ENOSPC || *err == ENOMEM || *err == EFBIG) ? PP_ERR_NOMEM : PP_ERR_OS;
+            pp_region_free(r, rg->slot, rg->held, off, len);
+            rg->slot = -1;
+            return pp_alloc_status(*err);
         }
         dst = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, (off_t)off);
         if (dst == MAP_FAILED) {
             *err = errno;
-            pp_ring_punch(r, off, len);
+            pp_region_free(r, rg->slot, rg->held, off, len);
+            rg->slot = -1;
             return PP_ERR_OS;
         }
     }
@@ -730,7 +840,7 @@ pp_heap_write(RingObject *r, pp_parts *p, pp_region *rg, int *err)
         memcpy(dst + at, p->bufs[i].buf, (size_t)p->bufs[i].len);
         at += pp_q_round((uint64_t)p->bufs[i].len, PP_Q_ALIGN);
     }
-    if (rg->slot < 0) {
+    if (rg->slot < 0 || rg->slot >= PP_Q_SLOTS) {
         munmap(dst, len);
     }
     rg->off = off;
@@ -745,20 +855,45 @@ pp_region_drop(RingObject *r, pp_region *rg)
     if (rg->len == 0) {
         return;
     }
-    if (rg->slot >= 0) {
-        pp_slot_release(r, rg->slot, rg->held);
-    }
-    else {
-        pp_ring_punch(r, rg->off, rg->len);
-    }
+    pp_region_free(r, rg->slot, rg->held, rg->off, rg->len);
     rg->len = 0;
 }
 
 enum { PP_TRY_DONE = 1, PP_TRY_FULL = 0, PP_TRY_BUSY = -2 };
 
+/* Unread payload bytes, as pp_ring_room() counts them: in_bytes is added to by a producer
+ * just before its commit (under the put lock, on the put side's cache line) and out_bytes by a
+ * consumer just before its commit (under the get lock, on its own line), so a process that
+ * dies in between leaves in_bytes too high (a producer) or out_bytes too high (a consumer
+ * whose message is taken again). The error never outlives an empty ring: the consumer that
+ * empties it evens them (pp_ring_tryget), and an empty ring always has room. */
+static inline uint64_t
+pp_ring_pending(pp_qhdr *h)
+{
+    int64_t v = (int64_t)(atomic_load_explicit(&h->in_bytes, memory_order_relaxed) -
+                          atomic_load_explicit(&h->out_bytes, memory_order_relaxed));
+    return v > 0 ? (uint64_t)v : 0;
+}
+
+/* Whether a message of `total` payload bytes may go in now: fewer than `maxsize` (> 0)
+ * messages pending, and, with `maxbytes` > 0, the ring empty or its unread bytes staying
+ * within maxbytes (so one message bigger than the bound goes in once the reader took the
+ * earlier ones). */
+static inline int
+pp_ring_room(pp_qhdr *h, uint64_t P, uint64_t G, uint64_t maxsize, uint64_t maxbytes,
+             uint64_t total)
+{
+    uint64_t n = pp_q_count(P, G);
+    if (maxsize > 0 && n >= maxsize) {
+        return 0;
+    }
+    return maxbytes == 0 || n == 0 || pp_ring_pending(h) + total <= maxbytes;
+}
+
 /* One attempt to put (GIL held, nothing allocated). rg->len == 0: inline. */
 static int
-pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_region *rg)
+pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, uint64_t maxbytes,
+               const pp_region *rg)
 {
     uint64_t heap_len = rg->len;
     pp_qhdr *h = r->h;
@@ -776,7 +911,7 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_r
     uint64_t off = tail & (W - 1);
     uint64_t pad = off + rec > W ? W - off : 0;
     uint64_t used = (tail - F) & PP_Q_POS_MASK;
-    if ((maxsize > 0 && pp_q_count(P, G) >= maxsize) || used + pad + rec > W ||
+    if (!pp_ring_room(h, P, G, maxsize, maxbytes, p->total) || used + pad + rec > W ||
         pp_q_count(P, G) >= (PP_Q_CNT_MASK >> 1)) {
         pp_q_unlock(&h->plock);
         return PP_TRY_FULL;
@@ -816,6 +951,9 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_r
         }
     }
     uint64_t ntail = (tail + pad + rec) & PP_Q_POS_MASK;
+    atomic_store_explicit(&h->in_bytes,
+                          atomic_load_explicit(&h->in_bytes, memory_order_relaxed) + p->total,
+                          memory_order_relaxed);
     /* The commit: one store makes the record (and its count) visible. */
     atomic_store_explicit(&h->P, (ntail << PP_Q_CNT_BITS) | ((P + 1) & PP_Q_CNT_MASK),
                           memory_order_release);
@@ -825,15 +963,17 @@ pp_ring_tryput(RingObject *r, int tag, pp_parts *p, uint64_t maxsize, const pp_r
 }
 
 PyDoc_STRVAR(Ring_put_doc,
-             "put($self, tag, parts, block, timeout, maxsize, /)\n--\n\n"
+             "put($self, tag, parts, block, timeout, maxsize, maxbytes=0, /)\n--\n\n"
              "Appends one message made of `parts` (buffers). False when the ring holds "
-             "`maxsize` (> 0) messages and `block` is false or `timeout` (< 0: none) passed.");
+             "`maxsize` (> 0) messages, or (`maxbytes` > 0) is not empty and would hold more "
+             "than `maxbytes` unread bytes with it, and `block` is false or `timeout` "
+             "(< 0: none) passed.");
 
 static PyObject *
 Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "put() takes 5 arguments");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "put() takes 5 or 6 arguments");
         return NULL;
     }
     long tag = PyLong_AsLong(args[0]);
@@ -847,6 +987,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
     int block = PyObject_IsTrue(args[2]);
     double timeout = PyFloat_AsDouble(args[3]);
     unsigned long long maxsize = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long long maxbytes = nargs > 5 ? PyLong_AsUnsignedLongLong(args[5]) : 0;
     if (block < 0 || PyErr_Occurred()) {
         return NULL;
     }
@@ -864,7 +1005,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (inline_size > PP_Q_INLINE_MAX && rg.len == 0) {
             /* Big message: write it out of the lock, once there is room for it. */
             uint64_t P = atomic_load(&h->P), G = atomic_load(&h->G);
-            if (maxsize == 0 || pp_q_count(P, G) < maxsize) {
+            if (pp_ring_room(h, P, G, maxsize, maxbytes, p.total)) {
                 pp_status st;
                 int err = 0;
                 Py_BEGIN_ALLOW_THREADS
@@ -878,7 +1019,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         int r = PP_TRY_FULL;
         if (inline_size <= PP_Q_INLINE_MAX || rg.len != 0) {
-            r = pp_ring_tryput(self, (int)tag, &p, maxsize, &rg);
+            r = pp_ring_tryput(self, (int)tag, &p, maxsize, maxbytes, &rg);
         }
         if (r == PP_TRY_DONE) {
             rg.len = 0; /* the region belongs to the message now */
@@ -897,7 +1038,7 @@ Ring_put(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else {
             Py_BEGIN_ALLOW_THREADS
-            st = pp_q_wait_word(&h->get_seq, seen, &h->put_waiters, deadline);
+            st = pp_q_wait_word(&h->get_seq, seen, &h->put_waiters, deadline, &self->gate);
             Py_END_ALLOW_THREADS
         }
         if (st == PP_ERR_TIMEOUT) {
@@ -1000,11 +1141,18 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         uint64_t held = 0;
         char *addr;
         if (ref != 0) {
-            /* A recycled region: mapped already. This process becomes its holder before the
-             * get commits, so that it is never seen both unheld and out of the ring. */
+            /* A region with a descriptor: this process becomes its holder before the get
+             * commits, so that it is never seen both unheld and out of the ring. */
             slot = (int)((ref & PP_Q_PID_MASK) - 1);
-            if (slot < 0 || slot >= PP_Q_SLOTS || hoff != pp_slot_off(h, slot) ||
-                hlen > PP_Q_SLOT_MAX ||
+            int bad = slot < 0 || slot >= PP_Q_DESCS;
+            if (!bad && slot < PP_Q_SLOTS) {
+                bad = hoff != pp_slot_off(h, slot) || hlen > PP_Q_SLOT_MAX;
+            }
+            else if (!bad) {
+                bad = hoff != atomic_load(&h->slots[slot].off) ||
+                      hlen != atomic_load(&h->slots[slot].len);
+            }
+            if (bad ||
                 (atomic_load(&h->slots[slot].state) & ~PP_Q_PID_MASK) != (ref & ~PP_Q_PID_MASK)) {
                 pp_q_unlock(&h->glock);
                 pp_got_clear(g);
@@ -1013,7 +1161,9 @@ pp_ring_tryget(RingObject *r, pp_got *g)
             }
             held = (ref & ~PP_Q_PID_MASK) | me;
             atomic_store(&h->slots[slot].state, held);
-            addr = r->base + hoff;
+        }
+        if (slot >= 0 && slot < PP_Q_SLOTS) {
+            addr = r->base + hoff; /* a recycled region: mapped already */
         }
         else {
             addr = mmap(NULL, hlen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd,
@@ -1031,9 +1181,9 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         RingBlockObject *b = (RingBlockObject *)((PyTypeObject *)r->block_type)
                                  ->tp_alloc((PyTypeObject *)r->block_type, 0);
         if (b == NULL) {
-            if (slot < 0) {
+            if (slot < 0 || slot >= PP_Q_SLOTS) {
                 munmap(addr, hlen);
-            } /* else the region stays with the message, which is not taken */
+            } /* the region stays with the message, which is not taken */
             goto nomem;
         }
         b->ring = (RingObject *)Py_NewRef(r);
@@ -1058,9 +1208,27 @@ pp_ring_tryget(RingObject *r, pp_got *g)
         }
     }
     uint64_t nhead = (head + 8 + hd->size) & PP_Q_POS_MASK;
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        total += g->lens[i];
+    }
+    uint64_t in = atomic_load_explicit(&h->in_bytes, memory_order_relaxed);
+    uint64_t out = atomic_load_explicit(&h->out_bytes, memory_order_relaxed) + total;
+    atomic_store_explicit(&h->out_bytes, out, memory_order_relaxed);
     /* The commit. */
     atomic_store_explicit(&h->G, (nhead << PP_Q_CNT_BITS) | ((G + 1) & PP_Q_CNT_MASK),
                           memory_order_release);
+    if (in != out && (P & PP_Q_CNT_MASK) == ((G + 1) & PP_Q_CNT_MASK)) {
+        /* This get emptied the ring, yet the byte counts differ (a process died between its
+         * count and its commit): even them, under the put lock so that no put is counted
+         * meanwhile (a lock that is busy leaves it for the next time). */
+        if (pp_q_trylock(&h->plock, me)) {
+            if (pp_q_count(atomic_load(&h->P), atomic_load(&h->G)) == 0) {
+                atomic_store(&h->out_bytes, atomic_load(&h->in_bytes));
+            }
+            pp_q_unlock(&h->plock);
+        }
+    }
     /* Give back whole blocks below head (also those a dead consumer left behind). */
     uint64_t F = atomic_load_explicit(&h->F, memory_order_relaxed);
     while (((nhead - F) & PP_Q_POS_MASK) >= PP_Q_BLOCK) {
@@ -1175,7 +1343,7 @@ Ring_get(RingObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         else {
             Py_BEGIN_ALLOW_THREADS
-            st = pp_q_wait_word(&h->put_seq, seen, &h->get_waiters, deadline);
+            st = pp_q_wait_word(&h->put_seq, seen, &h->get_waiters, deadline, &self->gate);
             Py_END_ALLOW_THREADS
         }
         if (st == PP_ERR_TIMEOUT) {
@@ -1254,7 +1422,7 @@ Ring_join(RingObject *self, PyObject *arg)
         }
         pp_status st;
         Py_BEGIN_ALLOW_THREADS
-        st = pp_q_wait_word(&h->done, d, &h->join_waiters, deadline);
+        st = pp_q_wait_word(&h->done, d, &h->join_waiters, deadline, &self->gate);
         Py_END_ALLOW_THREADS
         if (st == PP_ERR_TIMEOUT) {
             Py_RETURN_FALSE;
@@ -1279,16 +1447,21 @@ Ring_stats(RingObject *self, PyObject *Py_UNUSED(ignored))
         slot_uses += atomic_load(&h->slots[i].uses);
         slots_free += (atomic_load(&h->slots[i].state) & PP_Q_PID_MASK) == 0;
     }
-    unsigned long long fresh = atomic_load(&h->heap_next) - h->heap_base;
+    unsigned long long fresh = atomic_load(&h->heap_next) - h->heap_base, fresh_held = 0;
+    for (int i = PP_Q_SLOTS; i < PP_Q_DESCS; i++) {
+        fresh_held += (atomic_load(&h->slots[i].state) & PP_Q_PID_MASK) != 0;
+    }
     return Py_BuildValue(
-        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsI}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS), "head",
-        (unsigned long long)(G >> PP_Q_CNT_BITS), "freed", (unsigned long long)atomic_load(&h->F),
-        "puts", (unsigned long long)(P & PP_Q_CNT_MASK), "gets",
-        (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes, "fresh_used",
-        fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free", slots_free,
-        "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
+        "{sKsKsKsKsKsKsKsKsKsKsKsKsKsIsLsK}", "tail", (unsigned long long)(P >> PP_Q_CNT_BITS),
+        "head", (unsigned long long)(G >> PP_Q_CNT_BITS), "freed",
+        (unsigned long long)atomic_load(&h->F), "puts", (unsigned long long)(P & PP_Q_CNT_MASK),
+        "gets", (unsigned long long)(G & PP_Q_CNT_MASK), "heap_used", fresh + slot_bytes,
+        "fresh_used", fresh, "slot_bytes", slot_bytes, "slot_uses", slot_uses, "slots_free",
+        slots_free, "reclaims", (unsigned long long)atomic_load(&h->reclaims), "recoveries",
         (unsigned long long)atomic_load(&h->recoveries), "window", (unsigned long long)self->window,
-        "put_lock", (unsigned int)atomic_load(&h->plock.word));
+        "put_lock", (unsigned int)atomic_load(&h->plock.word), "pending",
+        (long long)(atomic_load(&h->in_bytes) - atomic_load(&h->out_bytes)), "fresh_held",
+        fresh_held);
 }
 
 PyDoc_STRVAR(Ring_slot_doc, "_slot_for_test($self, index, pid, /)\n--\n\n"
@@ -1312,6 +1485,31 @@ Ring_slot_for_test(RingObject *self, PyObject *args)
     uint64_t st = atomic_load(&sl->state);
     atomic_store(&sl->state, ((((st >> 32) + 1) & PP_Q_PID_MASK) << 32) | pid);
     Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Ring_write_doc, "_write_for_test($self, parts, /)\n--\n\n"
+                             "Writes a big message's region as put() does and stops before the "
+                             "commit, leaving it held by this process: what a producer killed "
+                             "mid-put leaves. Returns its descriptor index (-1: untracked).");
+
+static PyObject *
+Ring_write_for_test(RingObject *self, PyObject *arg)
+{
+    pp_parts p;
+    if (pp_parts_get(arg, &p) < 0) {
+        return NULL;
+    }
+    pp_region rg = {0, 0, -1, 0};
+    int err = 0;
+    pp_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = pp_heap_write(self, &p, &rg, &err);
+    Py_END_ALLOW_THREADS
+    pp_parts_release(&p);
+    if (st != PP_OK) {
+        return pp_raise(st, err);
+    }
+    return PyLong_FromLong(rg.slot);
 }
 
 PyDoc_STRVAR(Ring_lock_doc, "_lock_for_test($self, which, pid, /)\n--\n\n"
@@ -1348,6 +1546,7 @@ static PyMethodDef Ring_methods[] = {
     {"stats", (PyCFunction)Ring_stats, METH_NOARGS, Ring_stats_doc},
     {"_lock_for_test", (PyCFunction)Ring_lock_for_test, METH_VARARGS, Ring_lock_doc},
     {"_slot_for_test", (PyCFunction)Ring_slot_for_test, METH_VARARGS, Ring_slot_doc},
+    {"_write_for_test", (PyCFunction)Ring_write_for_test, METH_O, Ring_write_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1394,16 +1593,12 @@ RingBlock_dealloc(RingBlockObject *self)
         /* Only the process that took the message gives its region back (not a child that
          * inherited this block by fork while the parent still uses the region). */
         int mine = self->owner == pp_self_pid();
-        if (self->slot >= 0) {
-            if (mine) {
-                pp_slot_release(self->ring, self->slot, self->held);
-            }
+        if (self->slot < 0 || self->slot >= PP_Q_SLOTS) {
+            munmap(self->addr, self->len); /* a fresh region, mapped for this block */
         }
-        else {
-            munmap(self->addr, self->len);
-            if (mine) {
-                pp_ring_punch(self->ring, self->off, self->len);
-            }
+        if (mine) {
+            pp_region_free(self->ring, self->slot, self->held, self->off, self->len);
+            pp_region_sweep(self->ring);
         }
     }
     Py_XDECREF(self->ring);

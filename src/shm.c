@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 #if PY_VERSION_HEX < 0x030C0000
 #include <structmember.h>
@@ -101,6 +102,33 @@ pp_segment_alloc(PyTypeObject *type)
     return self;
 }
 
+/* 0 when `size` bytes fit in this machine's memory and swap together; otherwise -1 with
+ * OSError(ENOMEM) set. A memfd of any size is created and mapped at once (sparse), and its
+ * pages would fail (SIGBUS) only when touched: a segment that can never be backed is refused
+ * before anything is allocated, with the exception multiprocessing raises for it. */
+static int
+pp_segment_fits(Py_ssize_t size)
+{
+    struct sysinfo si;
+    if (sysinfo(&si) != 0) {
+        return 0; /* unknown: let the allocation itself decide */
+    }
+    unsigned long long total =
+        ((unsigned long long)si.totalram + (unsigned long long)si.totalswap) *
+        (unsigned long long)(si.mem_unit ? si.mem_unit : 1);
+    if ((unsigned long long)size <= total) {
+        return 0;
+    }
+    PyObject *exc = PyObject_CallFunction(
+        PyExc_OSError, "is", ENOMEM,
+        "Cannot allocate memory: a shared segment larger than this machine's memory and swap");
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_OSError, exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
 /* Segment(size): a new zero-filled segment of `size` bytes. */
 static PyObject *
 Segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -114,6 +142,9 @@ Segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "segment size must be >= 0");
         return NULL;
     }
+    if (pp_segment_fits(size) < 0) {
+        return NULL;
+    }
     SegmentObject *self = pp_segment_alloc(type);
     if (self == NULL) {
         return NULL;
@@ -122,10 +153,7 @@ Segment_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (fd < 0 || pp_segment_map(self, fd, size) != PP_OK) {
         int err = errno;
         Py_DECREF(self);
-        if (err == ENOMEM || err == EFBIG || err == ENOSPC) {
-            return PyErr_NoMemory();
-        }
-        return pp_raise(PP_ERR_OS, err);
+        return pp_raise(PP_ERR_OS, err); /* OSError, as multiprocessing's ftruncate/mmap */
     }
     return (PyObject *)self;
 }
@@ -624,7 +652,8 @@ typedef enum {
 } pp_atomic_op;
 
 /* One atomic operation on an integer of `size` bytes at p, on the bit pattern (so signed and
- * unsigned share the wrap-around arithmetic). Returns the result bits; *ok is the CAS result. */
+ * unsigned share it). Returns the result bits; *ok is the CAS result. Add and subtract go
+ * through pp_atomic_checked instead: they must not wrap. */
 #define PP_ATOMIC_BODY(T)                                                                          \
     do {                                                                                           \
         _Atomic T *a = (_Atomic T *)p;                                                             \
@@ -637,17 +666,11 @@ typedef enum {
             return 0;                                                                              \
         case PP_AT_EXCHANGE:                                                                       \
             return (uint64_t)atomic_exchange(a, x);                                                \
-        case PP_AT_FETCH_ADD:                                                                      \
-            return (uint64_t)atomic_fetch_add(a, x);                                               \
-        case PP_AT_ADD:                                                                            \
-            return (uint64_t)(T)(atomic_fetch_add(a, x) + x);                                      \
-        case PP_AT_FETCH_SUB:                                                                      \
-            return (uint64_t)atomic_fetch_sub(a, x);                                               \
-        case PP_AT_SUB:                                                                            \
-            return (uint64_t)(T)(atomic_fetch_sub(a, x) - x);                                      \
         case PP_AT_CAS:                                                                            \
             *ok = atomic_compare_exchange_strong(a, &e, x);                                        \
             return (uint64_t)e;                                                                    \
+        default: /* add and subtract: pp_atomic_checked */                                         \
+            break;                                                                                 \
         }                                                                                          \
         return 0;                                                                                  \
     } while (0)
@@ -664,6 +687,46 @@ pp_atomic_apply(void *p, Py_ssize_t size, pp_atomic_op op, uint64_t v, uint64_t 
         PP_ATOMIC_BODY(uint32_t);
     default:
         PP_ATOMIC_BODY(uint64_t);
+    }
+}
+
+/* Atomically adds `v` to (`sub`: subtracts it from) the item of type T at p unless the result
+ * leaves T's range: a compare-exchange loop. Returns 0 with *old the previous bits, or -1
+ * (the item unchanged) when the result would overflow. */
+#define PP_CHECKED_BODY(T)                                                                         \
+    do {                                                                                           \
+        _Atomic T *a = (_Atomic T *)p;                                                             \
+        T x = (T)v, cur = atomic_load(a), next;                                                    \
+        do {                                                                                       \
+            if (sub ? __builtin_sub_overflow(cur, x, &next)                                        \
+                    : __builtin_add_overflow(cur, x, &next)) {                                     \
+                return -1;                                                                         \
+            }                                                                                      \
+        } while (!atomic_compare_exchange_weak(a, &cur, next));                                    \
+        *old = (uint64_t)cur;                                                                      \
+        return 0;                                                                                  \
+    } while (0)
+
+static int
+pp_atomic_checked(void *p, Py_ssize_t size, int is_signed, int sub, uint64_t v, uint64_t *old)
+{
+    switch (size * (is_signed ? -1 : 1)) {
+    case 1:
+        PP_CHECKED_BODY(uint8_t);
+    case -1:
+        PP_CHECKED_BODY(int8_t);
+    case 2:
+        PP_CHECKED_BODY(uint16_t);
+    case -2:
+        PP_CHECKED_BODY(int16_t);
+    case 4:
+        PP_CHECKED_BODY(uint32_t);
+    case -4:
+        PP_CHECKED_BODY(int32_t);
+    case -8:
+        PP_CHECKED_BODY(int64_t);
+    default:
+        PP_CHECKED_BODY(uint64_t);
     }
 }
 
@@ -804,6 +867,25 @@ pp_atomic_call(SharedViewObject *self, PyObject *const *args, Py_ssize_t nargs, 
     else if (nvals == 1 && pp_int_to_bits(self, args[0], &v) < 0) {
         return NULL;
     }
+    if (op == PP_AT_FETCH_ADD || op == PP_AT_ADD || op == PP_AT_FETCH_SUB || op == PP_AT_SUB) {
+        int sub = op == PP_AT_FETCH_SUB || op == PP_AT_SUB;
+        uint64_t old;
+        if (pp_atomic_checked(p, self->itemsize, pp_code_signed(self->code), sub, v, &old) < 0) {
+            PyErr_Format(PyExc_OverflowError,
+                         "%s() result does not fit the item, a%s %d-bit integer (it is left "
+                         "unchanged)",
+                         name, pp_code_signed(self->code) ? " signed" : "n unsigned",
+                         (int)(self->itemsize * 8));
+            return NULL;
+        }
+        if (op == PP_AT_ADD) {
+            old += v; /* the new value, on the bit pattern: it fits, as checked */
+        }
+        else if (op == PP_AT_SUB) {
+            old -= v;
+        }
+        return pp_bits_to_int(self, old);
+    }
     int ok = 0;
     uint64_t r = pp_atomic_apply(p, self->itemsize, op, v, expected, &ok);
     if (op == PP_AT_STORE) {
@@ -828,13 +910,17 @@ PP_ATOMIC_METHOD(store, 1, PP_AT_STORE, "[index], value, ", "Atomically writes t
 PP_ATOMIC_METHOD(exchange, 1, PP_AT_EXCHANGE, "[index], value, ",
                  "Atomically writes the item; returns the previous value.")
 PP_ATOMIC_METHOD(fetch_add, 1, PP_AT_FETCH_ADD, "[index], delta, ",
-                 "Atomically adds delta (wrapping); returns the previous value.")
+                 "Atomically adds delta; returns the previous value. OverflowError, the item "
+                 "unchanged, when the sum does not fit the typecode.")
 PP_ATOMIC_METHOD(add, 1, PP_AT_ADD, "[index], delta, ",
-                 "Atomically adds delta (wrapping); returns the new value.")
+                 "Atomically adds delta; returns the new value. OverflowError, the item "
+                 "unchanged, when the sum does not fit the typecode.")
 PP_ATOMIC_METHOD(fetch_sub, 1, PP_AT_FETCH_SUB, "[index], delta, ",
-                 "Atomically subtracts delta (wrapping); returns the previous value.")
+                 "Atomically subtracts delta; returns the previous value. OverflowError, the "
+                 "item unchanged, when the difference does not fit the typecode.")
 PP_ATOMIC_METHOD(sub, 1, PP_AT_SUB, "[index], delta, ",
-                 "Atomically subtracts delta (wrapping); returns the new value.")
+                 "Atomically subtracts delta; returns the new value. OverflowError, the item "
+                 "unchanged, when the difference does not fit the typecode.")
 PP_ATOMIC_METHOD(compare_exchange, 2, PP_AT_CAS, "[index], expected, desired, ",
                  "Atomically sets the item to desired if it equals expected; returns True when "
                  "it did.")

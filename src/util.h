@@ -39,6 +39,46 @@ pp_cpu_relax(void)
 #endif
 }
 
+/* ---- Adaptive spinning ----
+ * Polling before sleeping saves a wake-up only when the other side runs on another CPU and
+ * answers within the spin; on a busy machine the spinner takes the CPU of the very process it
+ * waits for. So each waiter keeps a gate (process-local: in its object, never in shared
+ * memory): it spins while its spins pay; after a spin that did not pay it sleeps at once, and
+ * probes with a spin again after 2, 4, 8, ... waits (up to 1 << PP_TUNE_SPIN_BACKOFF_MAX) for
+ * as long as probes do not pay either: a quiet machine is back to spinning after two waits, a
+ * busy one spins on one wait in 64.
+ * Races between threads sharing a gate only make a spin more or less: relaxed atomics. */
+typedef struct {
+    _Atomic int backoff;   /* 0: spin; k > 0: the last k probes did not pay */
+    _Atomic int countdown; /* waits until the next probe */
+} pp_spin_gate;
+
+/* How long this wait may spin: ns, or 0 (sleep at once). */
+static inline int64_t
+pp_spin_budget(pp_spin_gate *g, int64_t ns)
+{
+    if (ns <= 0 || atomic_load_explicit(&g->backoff, memory_order_relaxed) == 0) {
+        return ns;
+    }
+    return atomic_fetch_sub_explicit(&g->countdown, 1, memory_order_relaxed) <= 1 ? ns : 0;
+}
+
+/* What the spin of a wait came to: it found what it waited for (paid) or not. */
+static inline void
+pp_spin_record(pp_spin_gate *g, int paid)
+{
+    if (paid) {
+        atomic_store_explicit(&g->backoff, 0, memory_order_relaxed);
+        return;
+    }
+    int k = atomic_load_explicit(&g->backoff, memory_order_relaxed);
+    if (k < PP_TUNE_SPIN_BACKOFF_MAX) {
+        k++;
+    }
+    atomic_store_explicit(&g->backoff, k, memory_order_relaxed);
+    atomic_store_explicit(&g->countdown, 1 << k, memory_order_relaxed);
+}
+
 /* Sleeps while *word == expected, for at most ns nanoseconds (shared futex: the word may be
  * in memory mapped by several processes). -1 with errno (EAGAIN, ETIMEDOUT, EINTR) or 0. */
 static inline int

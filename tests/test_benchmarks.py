@@ -118,3 +118,22 @@ def test_bench_globals_quick(tmp_path):
     assert ("pyparallel", "fork") in cases and ("multiprocessing", "fork") in cases
     assert all(r["time_s"] > 0 and r["peak_rss_mb"] > 0 for r in data["rows"])
     assert "vs mp fork" in stdout
+
+
+def test_bench_load_quick(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_load.py"), "--quick",
+                           "--repeats", "1", "--loads", "0,1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["cpu_count"] == os.cpu_count()
+    seen = {(r["workload"], r["busy"], r["library"]) for r in data["rows"]}
+    for w in ("W8 latency", "W1 tiny tasks", "W9 burst", "Q ping-pong"):
+        for busy in (0, 1):
+            assert (w, busy, "pyparallel") in seen and (w, busy, "multiprocessing") in seen
+    for method in ("fork", "forkserver", "spawn"):
+        assert (f"W10 recycle {method}", 0, "pyparallel") in seen
+    assert all(r["median"] > 0 for r in data["rows"])
+    assert all(r["vs_mp"] == 1.0 for r in data["rows"] if r["library"] == "multiprocessing")
+    assert "busy=1" in proc.stdout

@@ -206,19 +206,24 @@ def test_scikit_learn_estimator_with_n_jobs():
     assert (clf.predict(X) == ref.predict(X)).all()
 
 
-# ---- joblib's own test_parallel.py, parametrised over the pyparallel backend ---------------
+# ---- joblib's own test_parallel.py and test_config.py, on the pyparallel backend ----------
 
-# Cases of joblib's suite that check loky's memory-mapping of large arrays, which this backend
-# does not do on purpose (arrays travel through pyparallel's shared segments instead).
-_NOT_APPLICABLE = ["test_auto_memmap_on_arrays_from_generator", "test_memmapping_leaks"]
+# Cases of joblib's suite tied to loky or to joblib's memory-mapping by design (the README's
+# joblib section says why): a worker gets an np.memmap of a big argument (here: an ndarray
+# view of a shared segment), Parallel(prefer="processes") with no backend chosen is a
+# LokyBackend (here: pyparallel's, made joblib's default), loky's memmap files in temp_folder.
+_NOT_APPLICABLE = ["test_auto_memmap_on_arrays_from_generator", "test_memmapping_leaks",
+                   "test_parallel_config_no_backend", "test_parallel_config_params_explicit_set"]
 
 
 @pytest.mark.timeout(900)
 def test_joblib_own_parallel_suite(tmp_path):
     """Runs the installed joblib's test_parallel.py the way its suite treats a process
     backend: "pyparallel" in place of its PROCESS_BACKENDS, registered in every interpreter
-    (sitecustomize), the cases that name it selected."""
-    source = os.path.join(os.path.dirname(joblib.__file__), "test", "test_parallel.py")
+    (sitecustomize) as joblib's default backend, the cases that name it selected; and its
+    test_config.py whole."""
+    tests = os.path.join(os.path.dirname(joblib.__file__), "test")
+    source = os.path.join(tests, "test_parallel.py")
     if not os.path.exists(source):
         pytest.skip("this joblib was installed without its tests")
     text = open(source).read()
@@ -226,16 +231,20 @@ def test_joblib_own_parallel_suite(tmp_path):
                       'PROCESS_BACKENDS = ["pyparallel"]', text)
     assert n == 1, "joblib's test_parallel.py changed: update this harness"
     (tmp_path / "test_joblib_parallel.py").write_text(text)
+    (tmp_path / "test_joblib_config.py").write_text(open(os.path.join(tests, "test_config.py")).read())
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import pyparallel.joblib\n")
+    (site / "sitecustomize.py").write_text(
+        "import pyparallel.joblib\npyparallel.joblib.register(make_default=True)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(site), os.environ.get("PYTHONPATH", "")]))
     deselect = " and ".join(f"not {name}" for name in _NOT_APPLICABLE)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=120",
-         "-W", "ignore::pytest.PytestUnknownMarkWarning", "-k", f"pyparallel and {deselect}",
-         "--rootdir", str(tmp_path), str(tmp_path / "test_joblib_parallel.py")],
+         "-W", "ignore::pytest.PytestUnknownMarkWarning",
+         "-k", f"(pyparallel or test_joblib_config) and {deselect}",
+         "--rootdir", str(tmp_path), str(tmp_path / "test_joblib_parallel.py"),
+         str(tmp_path / "test_joblib_config.py")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880)
     tail = out.stdout[-4000:]
     assert out.returncode == 0, tail + out.stderr[-2000:]

@@ -31,11 +31,11 @@ import pytest
 import nbformat
 from nbclient import NotebookClient
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 KERNEL = "pyparallel-test"
-CELL_TIMEOUT = 60          # seconds a cell may run before nbclient fails it (a hang, not a pass)
-INTERRUPT_AFTER = 1.0      # seconds into a long cell when the interrupt is sent
+CELL_TIMEOUT = 120         # seconds a cell may run before nbclient fails it (a hang, not a pass)
+INTERRUPT_AFTER = 2.0      # seconds into a long cell when the interrupt is sent
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # name -> source; run in this order. Names are for the assertions below.
@@ -63,9 +63,7 @@ CELLS = [
         seen = []
         out = pool.map(square, range(50), progress=True)
         pool.map(square, range(20), chunksize=5, progress=lambda done, total: seen.append((done, total)))
-        import importlib.util
         print("progress:", out[-1], seen)
-        print("widgets:", importlib.util.find_spec("ipywidgets") is not None)
     """),
     ("initializer", """
         OFFSET = 0
@@ -102,12 +100,12 @@ CELLS = [
         print("workers:", sorted(w.pid for w in pool._pool))
     """),
     ("long_map", """
-        result = pool.map_async(time.sleep, [60] * 4)
+        result = pool.map_async(time.sleep, [600] * 4)
         result.get()
     """),
     ("after_map", """
         try:
-            result.get(timeout=5)
+            result.get(timeout=60)
         except TaskCancelledError as e:
             print("cancelled:", type(e).__name__)
         print("after:", pool.map(square, range(5)), pool.apply(square, (9,)))
@@ -226,7 +224,7 @@ class _Run:
                 timer.join()
         return cell, time.monotonic() - start
 
-    def settled_children(self, expected, limit=10.0):
+    def settled_children(self, expected, limit=60.0):
         """The kernel's children once they equal `expected` (killed workers take a moment to
         be reaped), or as they are after `limit` seconds."""
         end = time.monotonic() + limit
@@ -262,7 +260,7 @@ def notebook(jupyter_env):
             done[name] = (cell, took, kids)
         pid = run.kernel_pid
     # setup_kernel shut the kernel down: it and its workers are gone
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while (_children(pid) or os.path.exists(f"/proc/{pid}")) and time.monotonic() < deadline:
         time.sleep(0.05)
     done["shutdown"] = (None, 0.0, _children(pid))
@@ -294,17 +292,16 @@ def test_lambda(notebook):
 def test_progress_bar(notebook):
     cell = notebook["progress"][0]
     _no_error(cell)
-    # progress=True: tqdm.auto's bar (text on stderr without ipywidgets, a widget with them),
-    # reaching the total; a callable gets (done, total) as chunks finish
+    # progress=True: tqdm.auto's widget (ipywidgets comes with the progress and test extras),
+    # not a text bar with "TqdmWarning: IProgress not found"; a callable gets (done, total) as
+    # chunks finish
     assert _line(cell, "progress:") == "2401 [(5, 20), (10, 20), (15, 20), (20, 20)]"
     stderr = "".join(o.get("text", "") for o in cell.outputs
                      if o.output_type == "stream" and o.name == "stderr")
     widgets = [o for o in cell.outputs if o.output_type == "display_data"
                and "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    if _line(cell, "widgets:") == "True":  # ipywidgets (not a test extra) makes it a widget
-        assert widgets, cell.outputs
-    else:
-        assert not widgets and re.search(r"\b50/50\b", stderr), cell.outputs
+    assert len(widgets) == 1, cell.outputs
+    assert "Warning" not in stderr and "50/50" not in stderr, cell.outputs
 
 
 def test_initializer_sets_a_global(notebook):
@@ -350,7 +347,7 @@ def test_interrupt_long_map(notebook):
     cell, took, _ = notebook["long_map"]
     err, _ = _error(cell)
     assert err.ename == "KeyboardInterrupt"
-    assert took < CELL_TIMEOUT  # it stopped on the interrupt, not at the end of the sleeps
+    assert took < CELL_TIMEOUT  # hang guard: it stopped on the interrupt (the sleeps take 20 min)
 
     # the kernel is alive, the pool of an earlier cell still works, the call was cancelled
     cell, _, kids = notebook["after_map"]
@@ -370,7 +367,7 @@ def test_interrupt_long_kernel_call(notebook):
     cell, took, _ = notebook["long_fib"]
     err, _ = _error(cell)
     assert err.ename == "KeyboardInterrupt"
-    assert took < CELL_TIMEOUT
+    assert took < CELL_TIMEOUT  # hang guard: fib(80) runs for hours
 
     cell, _, kids = notebook["after_fib"]
     _no_error(cell)

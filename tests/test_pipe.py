@@ -6,6 +6,10 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -222,3 +226,195 @@ def test_no_leaked_fds():
         del r, w
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds0
+
+
+# ---- shared memory of failed sends, bounded unread bytes (issue 26) ----
+
+def _ring_kib(conn):
+    return os.fstat(conn._out.ring.fd).st_blocks // 2
+
+
+def _close_unread(conn, ready):
+    ready.send("closing")    # what was sent to `conn` is never read
+    conn.close()
+
+
+def test_failed_send_gives_its_memory_back(ctx):
+    # Sent to an end that is closed everywhere: BrokenPipeError, and what no one will read
+    # goes back at once (before: 20 MiB more for each failed send, until this end closed).
+    a, b = pp.Pipe()
+    a.send_bytes(b"u" * (20 << 20))               # unread when the other end goes
+    p = ctx.Process(target=_close_unread, args=(b, b))
+    p.start()
+    b.close()
+    assert a.recv() == "closing"
+    p.join(60)
+    assert _ring_kib(a) >= 20 << 10
+    for _ in range(3):
+        with pytest.raises(BrokenPipeError):
+            a.send_bytes(b"x" * (20 << 20))
+    assert a._out.ring.qsize() == 0
+    assert _ring_kib(a) < 1024
+    a.close()
+
+
+def _read_after(conn, go, n, out):
+    go.recv()
+    out.send([len(conn.recv_bytes()) for _ in range(n)])
+    conn.close()
+
+
+def test_send_blocks_while_too_much_is_unread(ctx, monkeypatch):
+    # As multiprocessing's Pipe (a socket): a sender that is ahead of its reader by more
+    # than the bound waits for it; a message bigger than the bound goes once the earlier ones
+    # were read (before: every send returned at once, all of it held in shared memory).
+    monkeypatch.setattr(pp.queues, "_PIPE_MAX_UNREAD", 1 << 20)
+    r, w = pp.Pipe(duplex=False)
+    go_r, go_w = pp.Pipe(duplex=False)
+    res_r, res_w = pp.Pipe(duplex=False)
+    sizes = [600 << 10] * 4 + [3 << 20]
+    p = ctx.Process(target=_read_after, args=(r, go_r, len(sizes), res_w))
+    p.start()
+    r.close()
+    res_w.close()
+    sent = []
+
+    def send_all():
+        for n in sizes:
+            w.send_bytes(b"s" * n)
+            sent.append(n)
+
+    t = threading.Thread(target=send_all)
+    t.start()
+    deadline = time.monotonic() + 60
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t.join(0.5)
+    assert t.is_alive() and len(sent) == 1        # the second would leave 1.2 MiB unread
+    st = w._out.ring.stats()
+    assert st["pending"] == 600 << 10 and w._out.ring.qsize() == 1
+    go_w.send("go")
+    t.join(120)
+    assert not t.is_alive() and sent == sizes
+    assert res_r.recv() == sizes
+    p.join(60)
+    assert p.exitcode == 0
+
+
+def test_blocked_send_fails_when_reader_dies(ctx, monkeypatch):
+    monkeypatch.setattr(pp.queues, "_PIPE_MAX_UNREAD", 1 << 20)
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_sleep_forever, args=(b,))
+    p.start()
+    b.close()
+    assert a.recv() == "ready"
+    a.send_bytes(b"z" * (800 << 10))
+    threading.Timer(0.5, os.kill, (p.pid, signal.SIGKILL)).start()
+    with pytest.raises(BrokenPipeError):
+        a.send_bytes(b"z" * (800 << 10))          # waits for a reader, then sees it gone
+    p.join(60)
+    assert a._out.ring.qsize() == 0 and _ring_kib(a) < 1024
+
+
+def test_ctrl_c_interrupts_blocked_send():
+    code = textwrap.dedent("""
+        import os, signal, threading
+        import pyparallel as pp
+        pp.queues._PIPE_MAX_UNREAD = 1 << 20
+        a, b = pp.Pipe()
+        a.send_bytes(b"x" * (800 << 10))
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            a.send_bytes(b"y" * (800 << 10))
+        except KeyboardInterrupt:
+            print("interrupted", len(b.recv_bytes()), b.poll(0))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "interrupted 819200 False"
+
+
+# ---- passing fds and Connections (CPython's test_fd_transfer, test_access) ----
+
+
+@pytest.fixture
+def resource_sharer():
+    """A Connection sent outside a child's start travels through multiprocessing's resource
+    sharer, a thread of this process: stopped afterwards (as CPython's tests do), so that later
+    tests do not fork a multi-threaded process."""
+    from multiprocessing import resource_sharer
+
+    yield
+    resource_sharer.stop(timeout=60)
+
+
+def _write_to_passed_fd(conn, data):
+    from multiprocessing import reduction
+
+    fd = reduction.recv_handle(conn)
+    with open(fd, "wb", closefd=True) as f:
+        f.write(data)
+    conn.send("written")
+    conn.send(conn.recv() * 2)   # messages and fds interleave on the one end
+
+
+def test_send_handle_over_a_duplex_pipe(ctx, tmp_path):
+    # multiprocessing's duplex Pipe is a socketpair: reduction.send_handle/recv_handle pass
+    # file descriptors over conn.fileno() (OSError: Socket operation on non-socket before)
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    p = ctx.Process(target=_write_to_passed_fd, args=(b, b"passed"))
+    p.start()
+    b.close()
+    path = tmp_path / "out"
+    with open(path, "wb") as f:
+        reduction.send_handle(a, f.fileno(), p.pid)
+    assert a.recv() == "written"
+    a.send(21)
+    assert a.recv() == 42
+    p.join(60)
+    assert p.exitcode == 0
+    assert path.read_bytes() == b"passed"
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_recv_handle_without_an_fd_raises_runtimeerror():
+    from multiprocessing import reduction
+
+    a, b = pp.Pipe()
+    os.write(b.fileno(), b"\0")   # a byte with no fd attached
+    with pytest.raises(RuntimeError):
+        reduction.recv_handle(a)
+
+
+def _use_passed_ends(conn):
+    w = conn.recv()
+    w.send("all is well")
+    w.close()
+    r = conn.recv()
+    conn.send(r.recv() * 2)
+    conn.close()
+
+
+def test_a_sent_connection_may_be_closed_at_once(ctx, resource_sharer):
+    # the sender closes its end right after sending it, as multiprocessing allows (the
+    # receiver got EOFError, or FileNotFoundError opening /proc/<pid>/fd/N, before)
+    conn, child = pp.Pipe()
+    p = ctx.Process(target=_use_passed_ends, args=(child,))
+    p.start()
+    child.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(w)
+    w.close()
+    assert r.recv() == "all is well"
+    r.close()
+    r, w = pp.Pipe(duplex=False)
+    conn.send(r)
+    r.close()
+    w.send("foobar")
+    w.close()
+    assert conn.recv() == "foobar" * 2
+    p.join(60)
+    assert p.exitcode == 0

@@ -1,6 +1,7 @@
 """The C channel under the pool: framing, streaming of messages larger than a ring, errors."""
 import os
 import threading
+import time
 
 import pytest
 
@@ -72,3 +73,27 @@ def test_full_ring_reports_partial_progress():
     pos = ch.put(0, (b"a" * 1000,))
     assert 0 < pos < 1008  # what fitted; the rest is the caller's to send later
     assert ch.wait([], 0) is False  # no room yet: nothing to do
+
+
+def _spin_cpu(ch, usec):
+    """(found, CPU seconds this thread spent in ch.spin(usec)): CPU time, not wall time, so
+    that a busy machine changes nothing."""
+    t0 = time.thread_time()
+    found = ch.spin(usec)
+    return found, time.thread_time() - t0
+
+
+def test_spin_stops_when_it_does_not_pay_and_resumes_when_a_probe_does():
+    ch, w = _pair()
+    found, cpu = _spin_cpu(ch, 500_000.0)  # half a second of polling, for nothing
+    assert found is False and cpu >= 0.01
+    found, cpu = _spin_cpu(ch, 500_000.0)  # spinning did not pay: this wait does not poll
+    assert found is False and cpu < 0.005
+    w.send(0, (b"r",))
+    found, cpu = _spin_cpu(ch, 500_000.0)  # the probe: polls, finds the result at once
+    assert found is True
+    assert bytes(ch.get(0)) == b"r"
+    found, cpu = _spin_cpu(ch, 500_000.0)  # the probe paid: polling again
+    assert found is False and cpu >= 0.01
+    ch.close()
+    w.close()

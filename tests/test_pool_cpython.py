@@ -65,3 +65,25 @@ def test_resource_warning_for_a_pool_left_running():
         p = None
         gc.collect()
     assert any("unclosed running multiprocessing pool" in str(x.message) for x in w)
+
+
+class Raiser:
+    @classmethod
+    def _test_traceback(cls):
+        raise RuntimeError(123)  # some comment
+
+
+def test_traceback_of_a_classmethod_shows_its_source_line(pool_context):
+    # CPython's test_traceback, its test class in a script's __main__: the class travels by
+    # value and the classmethod it inherits too (cloudpickle finds no name for it); the
+    # worker's traceback showed `File "<dynamic-code>"` and no source line
+    Sub = type("Sub", (Raiser,), {"__module__": "__main__"})
+    with pp.Pool(1, context=pool_context) as p:
+        with pytest.raises(RuntimeError) as info:
+            p.apply(Sub._test_traceback)
+        with pytest.raises(RuntimeError) as info2:  # the function itself, by value
+            p.apply(Raiser._test_traceback.__func__, (Raiser,))
+    assert info.value.__cause__.tb == info2.value.__cause__.tb
+    tb = info.value.__cause__.tb
+    assert f'File "{__file__}", line ' in tb, tb
+    assert "raise RuntimeError(123)  # some comment" in tb, tb

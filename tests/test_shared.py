@@ -1,11 +1,14 @@
 """pyparallel.shared in one process: multiprocessing's documented behaviour for every type,
 the same exceptions for the same bad input, atomics, zero-copy buffers, pickling by handle."""
+import contextlib
 import ctypes
+import errno
 import gc
 import multiprocessing as mp
 import multiprocessing.sharedctypes  # noqa: F401
 import os
 import pickle
+import tempfile
 import threading
 import time
 
@@ -170,11 +173,25 @@ def test_atomic_ops(code):
         v.add(1.5)
 
 
-def test_atomic_wraps_like_c():
-    v = pp.Value("B", 255)
-    assert v.add(1) == 0
-    w = pp.Value("i", 2**31 - 1)
-    assert w.add(1) == -(2**31)
+@pytest.mark.parametrize("code", list("bBhHiIlLqQ"))
+@pytest.mark.parametrize("op", ["add", "fetch_add", "sub", "fetch_sub"])
+def test_atomic_overflow_raises_and_leaves_the_item(code, op):
+    import array
+
+    bits = array.array(code).itemsize * 8
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if code.islower() else (0, 2**bits - 1)
+    edge = hi if "add" in op else lo
+    for make, args in ((pp.Value, ()), (pp.RawValue, ()), (pp.Array, (1,)), (pp.RawArray, (1,))):
+        obj = make(code, [0, edge, 0]) if args else make(code, edge)
+        with pytest.raises(OverflowError, match="does not fit"):
+            getattr(obj, op)(*args, 1)
+        assert (obj[1] if args else obj.value) == edge      # unchanged
+        assert getattr(obj, op)(*args, 0) == edge            # a delta that fits still works
+    if code.islower():                                      # a negative delta, the other way
+        v = pp.Value(code, lo if op in ("add", "fetch_add") else hi)
+        with pytest.raises(OverflowError):
+            getattr(v, op)(-1)
+        assert v.value == (lo if op in ("add", "fetch_add") else hi)
 
 
 def test_array_atomics_index():
@@ -427,20 +444,51 @@ def test_pickle_of_dead_segment_fails_cleanly():
 
 
 
+@pytest.mark.parametrize("make", [pp.Array, pp.RawArray])
+def test_array_larger_than_the_machine_raises_oserror_before_allocating(make):
+    # 80 TB: multiprocessing raises OSError (its arena file cannot be that big); a memfd can
+    # be, sparse, and would fail only when touched
+    fds, maps = _memfds(), _own_segment_maps()
+    with pytest.raises(OSError) as info:
+        make("q", 10**13)
+    assert info.value.errno == errno.ENOMEM
+    assert _memfds() == fds and _own_segment_maps() == maps   # nothing was allocated
+    assert len(make("q", 10)) == 10
+
+
+def _own_segment_maps():
+    """Mappings of pyparallel memfd segments in this process."""
+    with open("/proc/self/maps") as f:
+        return sum("/memfd:pyparallel (deleted)" in line for line in f)
+
+
+def _own_shm_names():
+    """Names in /dev/shm that pyparallel could have made (it names none: segments are
+    memfds). Other programs' files there are not counted."""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {n for n in os.listdir("/dev/shm") if "pyparallel" in n}
+
+
 def test_no_leaked_segments_or_fds():
     gc.collect()
-    before = _memfds()
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    for _ in range(3):
-        objs = [pp.Array("d", 100000) for _ in range(5)]
-        objs += [pp.Value("i") for _ in range(2000)]
-        objs += [pp.Lock(), pp.Condition(), pp.Event(), pp.Barrier(2)]
-        objs += [pickle.loads(pickle.dumps(o)) for o in objs[:5]]
-        del objs
-        gc.collect()
-        assert _memfds() <= before + 1
-    if os.path.isdir("/dev/shm"):
-        assert set(os.listdir("/dev/shm")) <= shm_before
+    fds, maps, shm_before = _memfds(), _own_segment_maps(), _own_shm_names()
+    # another program making a file in /dev/shm meanwhile (joblib's loky does) is no leak
+    foreign = (tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="sem.loky-")
+               if os.path.isdir("/dev/shm") else contextlib.nullcontext())
+    with foreign:
+        for _ in range(3):
+            objs = [pp.Array("d", 100000) for _ in range(5)]
+            objs += [pp.Value("i") for _ in range(2000)]
+            objs += [pp.Lock(), pp.Condition(), pp.Event(), pp.Barrier(2)]
+            objs += [pickle.loads(pickle.dumps(o)) for o in objs[:5]]
+            assert _memfds() > fds and _own_segment_maps() > maps   # the counts see them
+            del objs
+            gc.collect()
+            # one small-object arena may stay for the next Value
+            assert _memfds() <= fds + 1
+            assert _own_segment_maps() <= maps + 1
+        assert _own_shm_names() <= shm_before
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
@@ -449,24 +497,21 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @settings(max_examples=60, deadline=None)
 @given(code=st.sampled_from(list("bBhHiIlLqQ")), start=st.integers(), deltas=st.lists(
     st.integers(min_value=-(2**63), max_value=2**64 - 1), max_size=8))
-def test_atomic_add_matches_modular_arithmetic(code, start, deltas):
+def test_atomic_add_matches_checked_arithmetic(code, start, deltas):
     import array
 
     bits = array.array(code).itemsize * 8
     signed = code.islower()
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    start = lo + start % (hi - lo + 1)
 
-    def wrap(x):
-        x %= 2**bits
-        return x - 2**bits if signed and x > hi else x
-
-    v = pp.Value(code, wrap(start))
-    expect = wrap(start)
+    v = pp.Value(code, start)
+    expect = start
     for d in deltas:
-        if lo <= d <= hi:
-            expect = wrap(expect + d)
+        if lo <= d <= hi and lo <= expect + d <= hi:
+            expect += d
             assert v.add(d) == expect
-        else:
+        else:   # a delta or a sum out of the type's range: refused, the item unchanged
             with pytest.raises(OverflowError):
                 v.add(d)
     assert v.value == v.load() == expect

@@ -3,7 +3,8 @@
 ``progress=`` on map, imap, imap_unordered, starmap and their ``_async`` forms takes:
 
 - ``True``: a tqdm bar (``tqdm.auto``: the terminal bar in a terminal, the widget in Jupyter),
-  with a total when the input has a length; tqdm is the optional ``progress`` extra;
+  with a total when the input has a length; tqdm (and ipywidgets, for Jupyter) are the
+  optional ``progress`` extra, and ImportError names it when one is missing;
 - a tqdm instance (anything with ``update(n)``): it is advanced, and closed at the end only
   if it was given without a total;
 - a callable: called as ``progress(done, total)`` after each finished chunk (``total`` is None
@@ -20,11 +21,21 @@ import traceback
 __all__ = ["make"]
 
 
+def _in_jupyter():
+    """Whether this process is a Jupyter kernel (tqdm.auto's own test: an IPython kernel app)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", ())
+
+
 def _tqdm():
     try:
         from tqdm.auto import tqdm
+        if _in_jupyter():
+            import ipywidgets  # noqa: F401 - without it tqdm.auto warns and prints a text bar
     except ImportError as e:
-        raise ImportError("progress=True needs tqdm: pip install 'pyparallel[progress]'") from e
+        need = "ipywidgets in Jupyter" if e.name == "ipywidgets" else "tqdm"
+        raise ImportError(f"progress=True needs {need}: pip install 'pyparallel[progress]'") from e
     return tqdm
 
 
