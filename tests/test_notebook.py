@@ -181,15 +181,15 @@ def _procs():
 
 
 def _descendants(pid):
-    """{pid: (state letter, start time)} of the processes under pid (its children, theirs,
-    ...), zombies included."""
+    """{pid: (parent pid, state letter, start time)} of the processes under pid (its
+    children, theirs, ...), zombies included."""
     procs = _procs()
     out, todo = {}, [pid]
     while todo:
         parent = todo.pop()
-        for p, (ppid, state, start) in procs.items():
-            if ppid == parent and p not in out:
-                out[p] = (state, start)
+        for p, info in procs.items():
+            if info[0] == parent and p not in out:
+                out[p] = info
                 todo.append(p)
     return out
 
@@ -198,7 +198,9 @@ _MP_HELPERS = (b"multiprocessing.forkserver", b"multiprocessing.resource_tracker
 
 
 def _is_mp_helper(pid):
-    """multiprocessing's forkserver or resource tracker (they live as long as the kernel)."""
+    """multiprocessing's forkserver or resource tracker (they live as long as the kernel), for
+    a child of the kernel (the forkserver's own children, the workers, show its command line
+    too)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
@@ -208,10 +210,10 @@ def _is_mp_helper(pid):
 
 
 def _still_there(seen):
-    """The processes of `seen` ({pid: (state, start time)}) that still exist (the same ones:
-    same start time)."""
+    """The processes of `seen` (as :func:`_descendants`) that still exist (the same ones: same
+    start time)."""
     procs = _procs()
-    return {p: procs[p][1] for p, (_, start) in seen.items()
+    return {p: procs[p][1] for p, (_, _, start) in seen.items()
             if p in procs and procs[p][2] == start}
 
 
@@ -268,9 +270,11 @@ class _Run:
         `limit` seconds. Every process found under the kernel is added to `seen`."""
         end = time.monotonic() + limit
         while True:
-            tree = _descendants(self.kernel_pid)
+            kernel = self.kernel_pid
+            tree = _descendants(kernel)
             seen.update(tree)
-            kids = {p: state for p, (state, _) in tree.items() if not _is_mp_helper(p)}
+            kids = {p: state for p, (ppid, state, _) in tree.items()
+                    if not (ppid == kernel and _is_mp_helper(p))}
             if set(kids) == set(expected) or time.monotonic() > end:
                 return kids
             time.sleep(0.05)
@@ -287,7 +291,7 @@ def notebook(jupyter_env):
     client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, allow_errors=True,
                             startup_timeout=120, resources={"metadata": {"path": str(jupyter_env)}})
     done = {}
-    seen = {}  # every process found under the kernel: {pid: (state, start time)}
+    seen = {}  # every process found under the kernel (as _descendants)
     with client.setup_kernel():
         run = _Run(client)
         assert client.km.kernel_spec.argv[0] == sys.executable
