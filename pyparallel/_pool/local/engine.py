@@ -555,6 +555,7 @@ class LocalBackend:
         if tid == wire.READY_TID:
             slot.ready = True
             self.early_deaths = 0
+            slot.head_since = _monotonic()  # a task's budget starts once its worker is up
             return
         if tid == wire.INIT_FAILED_TID:
             done.append(_InitFailed(msg))
@@ -721,6 +722,8 @@ class LocalBackend:
         now = _monotonic()
         for slot in self.slots:
             if not slot.inflight or slot.proc is None or slot.timed_out is not None:
+                continue
+            if not slot.ready:  # still starting (spawn, forkserver) or in the initializer
                 continue
             task = self.tasks.get(slot.inflight[0])
             if task is None or task.budget is None:
