@@ -1,7 +1,9 @@
 """Build for pyparallel._core.
 
 Switches (environment variables, read at build time):
-  PYPARALLEL_STRICT=1    -Wall -Wextra -Werror (the test build uses this)
+  PYPARALLEL_STRICT=1    -Wall -Wextra -Werror, and -Werror=deprecated-declarations named too:
+                         no C API that the running Python (3.11 to 3.15) deprecates or removed
+                         (the test build uses this, on every version CI tests)
   PYPARALLEL_SANITIZE=1  -fsanitize=address,undefined, -O1 -g (run with the ASan runtime preloaded)
   PYPARALLEL_DEBUG_BUILD=1  -O0 -g
   PYPARALLEL_NO_OPENMP=1 build the pthread fallback even when the compiler has OpenMP
@@ -56,7 +58,8 @@ class BuildExt(build_ext):
                 ext.extra_link_args.append("-fopenmp")
                 ext.define_macros.append(("PP_HAVE_OPENMP", "1"))
             if _flag("PYPARALLEL_STRICT"):
-                ext.extra_compile_args += ["-Wall", "-Wextra", "-Werror", "-Wno-missing-field-initializers"]
+                ext.extra_compile_args += ["-Wall", "-Wextra", "-Werror", "-Wno-missing-field-initializers",
+                                           "-Werror=deprecated-declarations"]
             if _flag("PYPARALLEL_SANITIZE"):
                 ext.extra_compile_args += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
                 ext.extra_link_args += ["-fsanitize=address,undefined"]

@@ -189,15 +189,29 @@ def _by_value_modules(obj) -> bool:
 
 class _Pickler:
     """Made on first use: a cloudpickle Pickler whose functions and classes of ``__main__``
-    (and lambdas, closures) resolve their globals in the worker's namespace."""
+    (and lambdas, closures) resolve their globals in the worker's namespace; and one that also
+    has multiprocessing's reducers (Connections, sockets: what ``ForkingPickler`` sends while
+    a child starts)."""
 
     cls = None
+    forking_cls = None
 
     @classmethod
-    def get(cls):
+    def get(cls, forking=False):
         if cls.cls is None:
             cls.cls = _make_pickler_class()
-        return cls.cls
+        if not forking:
+            return cls.cls
+        if cls.forking_cls is None:
+            import collections
+            from multiprocessing.reduction import ForkingPickler
+
+            base = cls.cls
+            # seen live, as ForkingPickler sees them (register() may add more later)
+            cls.forking_cls = type("ForkingPickler", (base,), {
+                "dispatch_table": collections.ChainMap(ForkingPickler._extra_reducers,
+                                                       base.dispatch_table)})
+        return cls.forking_cls
 
 
 def _make_pickler_class():
@@ -266,13 +280,14 @@ def _register_class_state(cls, packed):
     return _register_class(cls, state, module, qualname, setstate)
 
 
-def dumps(obj, inherited=None, skip_names=(), buffer_callback=None) -> bytes:
+def dumps(obj, inherited=None, skip_names=(), buffer_callback=None, forking=False) -> bytes:
     """Pickle ``obj`` (protocol 5) so that a worker that has ``inherited`` (see the module
     docstring) can load it: functions and classes of ``__main__`` by value unless inherited,
     lambdas and closures by value; ``skip_names``: globals of ``__main__`` not to ship (the
-    worker has them)."""
+    worker has them). ``forking``: with multiprocessing's own reducers too, for an object
+    sent while multiprocessing starts a child (``pp.Process``)."""
     f = io.BytesIO()
-    _Pickler.get()(f, inherited or {}, skip_names, 5, buffer_callback).dump(obj)
+    _Pickler.get(forking)(f, inherited or {}, skip_names, 5, buffer_callback).dump(obj)
     return f.getvalue()
 
 

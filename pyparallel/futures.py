@@ -62,6 +62,7 @@ import multiprocessing.pool as _mpp
 
 from . import _reuse
 from ._cpu import cpu_count
+from ._pool.errors import describe_exit
 from .pool import InitializerError, Pool, PoolTerminatedError, WorkerLostError
 
 __all__ = ["ProcessPoolExecutor", "BrokenWorkerError", "InitializerFailedError",
@@ -269,6 +270,7 @@ class _Core:
         self.callbacks = collections.deque()
         self.callbacks_pending = 0  # futures queued or running their callbacks
         self.callback_thread = None
+        self.sent = weakref.WeakSet()  # futures handed to the pool (for terminate_workers)
 
     # -- submission --
 
@@ -321,6 +323,7 @@ class _Core:
             finally:
                 core._finished()
 
+        self.sent.add(future)
         try:
             future._pp_async = self.pool.apply_async(call, args, kwargs, done, failed)
         except ValueError as e:
@@ -632,6 +635,39 @@ class ProcessPoolExecutor(_base.Executor):
                 core.pool.join()
 
     shutdown.__doc__ = shutdown.__doc__
+
+    def terminate_workers(self):
+        """Python 3.14's: ``shutdown(wait=False, cancel_futures=True)``, then SIGTERM to the
+        workers running this executor's calls (SIGKILL to one still there after a moment).
+        The futures of the calls they were running fail with :class:`BrokenWorkerError`,
+        those handed to the pool but not started with ``BrokenProcessPool``, the held ones
+        are cancelled; later submits raise RuntimeError. With ``reuse=False`` the idle
+        workers stop too; on the shared pool only this executor's calls are touched (the
+        stopped workers are replaced for the others)."""
+        self._stop_workers("terminate")
+
+    def kill_workers(self):
+        """As :meth:`terminate_workers`, with SIGKILL."""
+        self._stop_workers("kill")
+
+    def _stop_workers(self, stop):
+        core = self._core
+        self.shutdown(wait=False, cancel_futures=True)
+        how = f"{stop}_workers()"
+
+        def error(exits):
+            if exits:
+                return WorkerLostError("; ".join(describe_exit(pid, code) for pid, code in exits)
+                                       + f" by {how} while running this call")
+            return BrokenProcessPool(f"the executor's workers were stopped by {how} before "
+                                     "this call started")
+
+        results = [f._pp_async for f in list(core.sent) if not f.done()]
+        results = [r for r in results if r is not None]
+        if results:
+            core.pool._backend.cancel_all(results, error, stop)
+        if core.lease is None:
+            core.pool.terminate()
 
 
 def _start_method(ctx):

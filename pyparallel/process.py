@@ -8,40 +8,34 @@ method:
   ``multiprocessing.Process`` uses: ``set_start_method`` is honoured, and the platform default
   otherwise), unless ``context=`` names one ("fork", "spawn", "forkserver") or passes a
   context.
-- Under spawn and forkserver, a target that plain pickle cannot send (a lambda, a closure, a
-  function defined in a notebook or in ``__main__`` of an interactive session) travels by
-  value with cloudpickle, and so do arguments that need it. multiprocessing fails on those
-  with a PicklingError.
+- Under spawn and forkserver, the child never re-runs the main script (multiprocessing
+  imports it in every child as ``__mp_main__``, so a script without an
+  ``if __name__ == "__main__":`` guard starts processes from its children and fails): the
+  child is started as the pool's workers are (:func:`pyparallel._pool.context.no_main`), and
+  the process object (its target, arguments, and its class if it is a subclass defined in
+  ``__main__``) travels with :mod:`pyparallel._serialize`: functions and classes of
+  ``__main__``, lambdas and closures by value, their globals resolved in the child's own
+  ``__main__``. Queues, pipes, locks and shared objects in the arguments travel as
+  multiprocessing sends them. A script's top level runs once.
 """
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context as _mpctx
 import multiprocessing.process as _mpprocess
-from multiprocessing.reduction import ForkingPickler
 
-import cloudpickle
+from . import _serialize
+from ._pool import context as _context
 
 __all__ = ["Process"]
 
 
-class _ByValue:
-    """A callable with its arguments, pickled by cloudpickle (for spawn and forkserver)."""
-
-    def __init__(self, target, args, kwargs):
-        self.payload = cloudpickle.dumps((target, args, kwargs))
-
-    def __call__(self):
-        target, args, kwargs = cloudpickle.loads(self.payload)
-        return target(*args, **kwargs)
-
-
-def _picklable(obj):
-    try:
-        ForkingPickler.dumps(obj)
-        return True
-    except Exception:
-        return False
+def _rebuild(data):
+    """The child's side of :meth:`Process.__reduce__`."""
+    cls, state = _serialize.loads(data)
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
 
 
 def _resolve_context(context):
@@ -69,15 +63,19 @@ class Process(_mpprocess.BaseProcess):
 
     def start(self):
         ctx = _resolve_context(self._pp_context)
-        # (after a start, the stdlib deletes _target; its start() then says "twice")
-        if ctx.get_start_method() != "fork" and getattr(self, "_target", None) is not None and not (
-                _picklable(self._target) and _picklable((self._args, self._kwargs))):
-            self._target = _ByValue(self._target, self._args, self._kwargs)
-            self._args, self._kwargs = (), {}
         self._pp_method = ctx.get_start_method()
         if self._pp_context is not None:
             self._start_method = self._pp_method   # as ctx.Process does
-        super().start()
+        if self._pp_method == "fork":
+            super().start()
+            return
+        with _context.no_main():
+            super().start()
 
     def _Popen(self, process_obj):
         return multiprocessing.get_context(self._pp_method).Process._Popen(process_obj)
+
+    def __reduce__(self):
+        # Pickled while multiprocessing starts the child (spawn, forkserver): by
+        # pyparallel's pickler, since that child does not import the main script.
+        return _rebuild, (_serialize.dumps((type(self), self.__dict__), forking=True),)

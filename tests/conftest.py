@@ -21,8 +21,8 @@ def pool_context(request):
 # ---- leak gate: use with pytestmark = pytest.mark.usefixtures("no_leaks") ----
 
 
-def _children():
-    me = str(os.getpid())
+def _children(pid=None):
+    me = str(os.getpid() if pid is None else pid)
     kids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -39,12 +39,13 @@ def _children():
 @pytest.fixture
 def no_leaks():
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
-    before = set(_children())
+    before = set(_children()) | set(_forkserver_children())
     yield
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         gc.collect()
-        extra = set(_children()) - before
+        # (under forkserver the workers are the forkserver's children)
+        extra = (set(_children()) | set(_forkserver_children())) - before
         if not extra:
             break
         time.sleep(0.05)
@@ -59,6 +60,12 @@ def no_leaks():
         assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "pyparallel" in n]
     if not any(t.name == "pyparallel-collector" and t.is_alive() for t in threading.enumerate()):
         assert _open_channels() == 0, "a channel memfd is still open"
+
+
+def _forkserver_children():
+    """The children of this process's forkserver (none while it has none)."""
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    return _children(pid) if pid is not None else []
 
 
 def _open_channels():

@@ -13,8 +13,10 @@ shows the worker's traceback), and two interrupts, as the notebook's stop button
 (``km.interrupt_kernel()``: SIGINT to the kernel's process group, workers included): one of a
 long ``pool.map`` and one of a long ``pp.kernels.fib`` call. After each interrupt the kernel is
 alive, the pool made in an earlier cell still works in the next cell, the interrupted call's
-result failed with TaskCancelledError, and the kernel's child processes are exactly the pool's
-workers: none left over, none a zombie.
+result failed with TaskCancelledError, and the processes under the kernel are exactly the
+pool's workers (besides multiprocessing's own forkserver and resource tracker, which the
+standard library keeps for the kernel's lifetime): none left over, none a zombie. After the
+kernel's shutdown none of the processes ever seen under it is left.
 
 A cell shows a progress bar (``progress=True``, tqdm.auto) and a progress callable.
 """
@@ -161,9 +163,9 @@ def jupyter_env(tmp_path_factory):
                 os.environ[k] = v
 
 
-def _children(pid):
-    """{child pid: state letter} of process pid, zombies included."""
-    kids = {}
+def _procs():
+    """{pid: (parent pid, state letter, start time)} of every process now."""
+    out = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -172,9 +174,45 @@ def _children(pid):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            kids[int(d)] = fields[0]
-    return kids
+        out[int(d)] = (int(fields[1]), fields[0], fields[19])
+    return out
+
+
+def _descendants(pid):
+    """{pid: (parent pid, state letter, start time)} of the processes under pid (its
+    children, theirs, ...), zombies included."""
+    procs = _procs()
+    out, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for p, info in procs.items():
+            if info[0] == parent and p not in out:
+                out[p] = info
+                todo.append(p)
+    return out
+
+
+_MP_HELPERS = (b"multiprocessing.forkserver", b"multiprocessing.resource_tracker")
+
+
+def _is_mp_helper(pid):
+    """multiprocessing's forkserver or resource tracker (they live as long as the kernel), for
+    a child of the kernel (the forkserver's own children, the workers, show its command line
+    too)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return any(h in cmdline for h in _MP_HELPERS)
+
+
+def _still_there(seen):
+    """The processes of `seen` (as :func:`_descendants`) that still exist (the same ones: same
+    start time)."""
+    procs = _procs()
+    return {p: procs[p][1] for p, (_, _, start) in seen.items()
+            if p in procs and procs[p][2] == start}
 
 
 def _stdout(cell):
@@ -224,12 +262,17 @@ class _Run:
                 timer.join()
         return cell, time.monotonic() - start
 
-    def settled_children(self, expected, limit=60.0):
-        """The kernel's children once they equal `expected` (killed workers take a moment to
-        be reaped), or as they are after `limit` seconds."""
+    def settled_children(self, expected, seen, limit=60.0):
+        """{pid: state} of the processes under the kernel but multiprocessing's helpers, once
+        they are `expected` (killed workers take a moment to be reaped), or as they are after
+        `limit` seconds. Every process found under the kernel is added to `seen`."""
         end = time.monotonic() + limit
         while True:
-            kids = _children(self.kernel_pid)
+            kernel = self.kernel_pid
+            tree = _descendants(kernel)
+            seen.update(tree)
+            kids = {p: state for p, (ppid, state, _) in tree.items()
+                    if not (ppid == kernel and _is_mp_helper(p))}
             if set(kids) == set(expected) or time.monotonic() > end:
                 return kids
             time.sleep(0.05)
@@ -246,24 +289,27 @@ def notebook(jupyter_env):
     client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT, allow_errors=True,
                             startup_timeout=120, resources={"metadata": {"path": str(jupyter_env)}})
     done = {}
+    seen = {}  # every process found under the kernel (as _descendants)
     with client.setup_kernel():
         run = _Run(client)
         assert client.km.kernel_spec.argv[0] == sys.executable
         for name, _ in CELLS:
             cell, took = run.run(name, INTERRUPT_AFTER if name.startswith("long_") else None)
             if "workers:" in _stdout(cell):  # the pool's workers as the cell saw them
-                kids = run.settled_children(_pids(_line(cell, "workers:")))
+                kids = run.settled_children(_pids(_line(cell, "workers:")), seen)
             elif name == "close":
-                kids = run.settled_children(set())
+                kids = run.settled_children(set(), seen)
             else:
                 kids = None
             done[name] = (cell, took, kids)
         pid = run.kernel_pid
-    # setup_kernel shut the kernel down: it and its workers are gone
+    # setup_kernel shut the kernel down: it and every process seen under it are gone
+    assert seen
     deadline = time.monotonic() + 60
-    while (_children(pid) or os.path.exists(f"/proc/{pid}")) and time.monotonic() < deadline:
+    while (_still_there(seen) or os.path.exists(f"/proc/{pid}")) \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
-    done["shutdown"] = (None, 0.0, _children(pid))
+    done["shutdown"] = (None, 0.0, _still_there(seen))
     done["kernel_gone"] = not os.path.exists(f"/proc/{pid}")
     return done
 
@@ -357,7 +403,7 @@ def test_interrupt_long_map(notebook):
     after = _pids(_line(cell, "workers:"))
     assert len(after) == 2
     # the kernel's children are exactly the pool's workers: the killed ones were reaped
-    assert set(kids) == after, f"kernel children {kids}, pool workers {after}"
+    assert set(kids) == after, f"processes under the kernel {kids}, pool workers {after}"
     assert "Z" not in kids.values()
 
 
@@ -374,12 +420,12 @@ def test_interrupt_long_kernel_call(notebook):
     assert _line(cell, "fib:") == "6765 [9]"
     # the workers got the SIGINT too (it goes to the kernel's process group) and ignored it
     assert _pids(_line(cell, "workers:")) == before
-    assert set(kids) == before, f"kernel children {kids}, pool workers {before}"
+    assert set(kids) == before, f"processes under the kernel {kids}, pool workers {before}"
 
 
 def test_terminate_and_shutdown_leave_no_process(notebook):
     cell, _, kids = notebook["close"]
     assert _line(cell, "closed") == ""
     assert kids == {}, f"processes left after terminate: {kids}"
-    assert notebook["shutdown"][2] == {}
+    assert notebook["shutdown"][2] == {}, "processes left after the kernel's shutdown"
     assert notebook["kernel_gone"], "the kernel process is still there after shutdown"

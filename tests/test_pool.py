@@ -367,11 +367,21 @@ def test_worker_crash_names_cause(fn, what):
         assert p.apply(square, (5,)) == 25
 
 
-def test_external_kill_during_map():
+def mark_then_sleep(arg):
+    """Leaves a file named by its pid in the directory, then sleeps."""
+    where, t = arg
+    open(os.path.join(where, str(os.getpid())), "w").close()
+    time.sleep(t)
+    return t
+
+
+def test_external_kill_during_map(tmp_path):
     with Pool(2) as p:
         pids = [w.pid for w in p._pool]
-        r = p.map_async(sleepy, [0.3] * 6, chunksize=1)
-        time.sleep(0.1)
+        r = p.map_async(mark_then_sleep, [(str(tmp_path), 1.0)] * 4, chunksize=1)
+        end = time.monotonic() + 60  # the worker is running a task (hang guard)
+        while not (tmp_path / str(pids[0])).exists() and time.monotonic() < end:
+            time.sleep(0.005)
         os.kill(pids[0], signal.SIGKILL)
         with pytest.raises(WorkerLostError, match=str(pids[0])):
             r.get(30)

@@ -24,6 +24,11 @@ def sleep_if(x):
     return x
 
 
+def imported():
+    """An initializer: the worker imports this module while it starts (under spawn and
+    forkserver that takes a while), not inside a task's budget."""
+
+
 def whoami(_=None):
     return pp.current_worker()
 
@@ -97,7 +102,7 @@ def test_progress_true_in_jupyter_needs_ipywidgets(monkeypatch):
 
 def test_a_stuck_task_times_out_and_the_others_finish():
     # the others must finish within 5 s each, even on a busy machine
-    with pp.Pool(2, task_timeout=5.0) as p:
+    with pp.Pool(2, task_timeout=5.0, initializer=imported) as p:
         t = time.monotonic()
         rs = [p.apply_async(sleep_if, (i,)) for i in range(8)]
         got = {}
@@ -116,7 +121,7 @@ def test_a_stuck_task_times_out_and_the_others_finish():
 
 
 def test_timeout_per_call_and_chunk_budget():
-    with pp.Pool(2) as p:
+    with pp.Pool(2, initializer=imported) as p:
         with pytest.raises(TaskTimeoutError, match="task 3 of the call"):
             p.map(sleep_if, range(6), chunksize=1, task_timeout=0.5)
         with pytest.raises(TaskTimeoutError, match=r"chunk of tasks 2\.\.3"):
@@ -125,6 +130,18 @@ def test_timeout_per_call_and_chunk_budget():
             list(p.imap(sleep_if, range(5), task_timeout=0.5))
         # a budget that is not exceeded changes nothing
         assert p.map(square, range(20), chunksize=5, task_timeout=30) == [x * x for x in range(20)]
+
+
+def slow_start(t):
+    time.sleep(t)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_budget_starts_when_the_worker_is_up(method):
+    # the worker's start-up and initializer (2 s) are not part of a task's budget (1 s)
+    with pp.Pool(1, initializer=slow_start, initargs=(2.0,), context=method,
+                 task_timeout=1.0) as p:
+        assert p.map(square, range(4), chunksize=1) == [0, 1, 4, 9]
 
 
 def test_kernel_call_times_out():

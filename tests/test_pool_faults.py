@@ -2,6 +2,7 @@
 result) and a usable pool, never a hang; nothing is left behind (the no_leaks gate). A
 loky-style crash matrix, the defects fault injection found, and the result objects' rules."""
 import gc
+import multiprocessing
 import os
 import pickle
 import signal
@@ -73,11 +74,10 @@ class CrashOnDel:
         return CrashOnDel, (self.how,)
 
     def __del__(self):
-        if os.getpid() != PARENT and self.how == "exit":
+        # in a worker only (not os.getpid() against a pid taken at import: under spawn and
+        # forkserver the worker imports this module itself)
+        if multiprocessing.parent_process() is not None and self.how == "exit":
             os._exit(5)
-
-
-PARENT = os.getpid()
 
 
 def identity(x):

@@ -135,3 +135,60 @@ def test_bad_context():
         pp.Process(target=_sleep, context="nonsense")
     with pytest.raises(TypeError):
         pp.Process(target=_sleep, context=3)
+
+
+_NO_GUARD = '''
+import multiprocessing, os, sys
+import pyparallel as pp
+multiprocessing.set_start_method(sys.argv[1])
+print("top level ran in", os.getpid(), flush=True)
+
+K = 10
+
+class Point:                       # a class of __main__, in the arguments
+    def __init__(self, x):
+        self.x = x
+
+class Worker(pp.Process):          # a subclass of __main__
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+    def run(self):
+        self.q.put("subclass ran")
+
+q = pp.Queue()
+r, w = pp.Pipe(duplex=False)
+arr = pp.Array("d", 3)
+
+def fill(a):                       # a function of __main__ that reads a global
+    for i in range(len(a)):
+        a[i] = i * K
+
+p = pp.Process(target=lambda q, w, a, pt: (fill(a), w.send(pt.x + 1), q.put(("lambda", K))),
+               args=(q, w, arr, Point(41)))
+p.start()
+got = [q.get(timeout=60), r.recv()]
+p.join(60)
+s = Worker(q)
+s.start()
+got.append(q.get(timeout=60))
+s.join(60)
+print("got", got, list(arr), p.exitcode, s.exitcode, flush=True)
+'''
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_script_without_main_guard_runs_its_top_level_once(tmp_path, method):
+    # a lambda target, a pp.Queue, a pp.Pipe, a pp.Array, a class and a subclass of __main__,
+    # no `if __name__ == "__main__":` guard: under spawn and forkserver multiprocessing would
+    # re-run the script in the child (which fails there: the process is still bootstrapping)
+    import subprocess
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(_NO_GUARD)
+    out = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len([x for x in lines if x.startswith("top level ran in")]) == 1, out.stdout
+    assert lines[-1] == "got [('lambda', 10), 42, 'subclass ran'] [0.0, 10.0, 20.0] 0 0", out

@@ -89,13 +89,15 @@ def test_initargs_compared_by_value():
     assert pp.get_reusable_pool(2, initializer=print, initargs=("x",)) is not a
 
 
-def test_forked_child_does_not_use_the_parents_pool():
-    pool = pp.get_reusable_pool(2)
+def test_forked_child_does_not_use_the_parents_pool(pool_context):
+    # under forkserver the child must not use its parent's forkserver either (the stdlib's
+    # ensure_running() fails there with ChildProcessError)
+    pool = pp.get_reusable_pool(2, context=pool_context)
     pid = os.fork()
     if pid == 0:  # the child: asks for its own (and never touches the parent's)
         code = 1
         try:
-            mine = pp.get_reusable_pool(2)
+            mine = pp.get_reusable_pool(2, context=pool_context)
             code = 0 if (mine is not pool and mine.apply(square, (7,)) == 49) else 2
             mine.terminate()
         finally:

@@ -21,6 +21,12 @@ fails. pyparallel's workers run an importable function and get the functions and
 ``__main__`` by value (:mod:`pyparallel._serialize`), so they are started with the main
 module left out of the preparation data (the rest, ``sys.path``, the working directory, the
 process name, is kept). The main script runs exactly once.
+
+**A forked child starts its own forkserver**: a process made by ``os.fork()`` (or a fork-context
+``Process``) inherits the standard library's forkserver state, naming its parent's server,
+which it cannot wait for: multiprocessing's ``ensure_running()`` then raises
+``ChildProcessError`` at the child's first forkserver start. The child forgets that state at
+the fork, so its first forkserver start launches a server of its own.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import multiprocessing
 import os
 import warnings
 import multiprocessing.spawn as _spawn
+import sys
 import threading
 
 from .. import _core
@@ -91,6 +98,29 @@ def no_main():
         yield
     finally:
         _tls.no_main = old
+
+
+def _forget_parents_forkserver():
+    """After a fork, in the child: the inherited forkserver is the parent's (see the module
+    docstring); drop it (and the child's copy of its keep-alive descriptor)."""
+    mod = sys.modules.get("multiprocessing.forkserver")
+    server = getattr(mod, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive = server._forkserver_alive_fd
+    server._forkserver_pid = None
+    server._forkserver_address = None
+    server._forkserver_alive_fd = None
+    if hasattr(server, "_forkserver_authkey"):
+        server._forkserver_authkey = None
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_parents_forkserver)
 
 
 _OPENMP_NAMES = ("libgomp", "libiomp", "libomp")

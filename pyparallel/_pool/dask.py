@@ -793,9 +793,16 @@ class DaskBackend:
                 self._pump(done)
         self._complete(done)
 
-    def cancel(self, result) -> None:
+    def cancel_all(self, results, error=None, stop="kill") -> None:
+        """:meth:`cancel` for each of ``results``, failing it with ``error([])`` (``stop``, how
+        a local worker is stopped, means nothing here)."""
+        for result in results:
+            self.cancel(result, error)
+
+    def cancel(self, result, error=None) -> None:
         """Ctrl-C in a caller waiting for ``result``: cancel its futures on the cluster, drop
-        its chunks, fail it with TaskCancelledError; the pool stays usable."""
+        its chunks, fail it with TaskCancelledError (or ``error([])``); the pool stays
+        usable."""
         if self.lifecycle.state is State.TERMINATE:
             return
         done = []
@@ -813,7 +820,8 @@ class DaskBackend:
         if futs:
             self._cancel_futures(futs)
         done.append((result, None, "abort",
-                     TaskCancelledError("the call was interrupted (KeyboardInterrupt)")))
+                     TaskCancelledError("the call was interrupted (KeyboardInterrupt)")
+                     if error is None else error([])))
         self._complete(done)
 
     def close(self) -> None:

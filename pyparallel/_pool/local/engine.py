@@ -439,6 +439,26 @@ class LocalBackend:
                 written.append(slot.index)
         self._steal(written)
 
+    def _withdraw(self, slot, task):
+        """Takes back ``task``, queued on ``slot``'s worker behind the one it runs (the worker
+        will skip it); False if the worker has just started it (the claim word decides)."""
+        word = slot.index * CLAIMS + task.seq % CLAIMS
+        if not self.claims.compare_exchange(word, QUEUED, STOLEN):
+            return False
+        slot.inflight.remove(task.tid)
+        slot.sent -= 1
+        i = len(slot.stale)
+        while i and slot.stale[i - 1] > task.seq:  # kept in order (_on_message drops the head)
+            i -= 1
+        slot.stale.insert(i, task.seq)
+        del self.tasks[task.tid]
+        if task.seg is not None:  # the worker skips the message without mapping it
+            self.spills.give(task.seg, worker_gone=True)
+            task.seg = None
+        if task.budget is not None:
+            self.timed -= 1
+        return True
+
     def _steal(self, written):
         """Nothing new to send: an idle worker takes the newest task queued behind a running
         one on another worker, rather than let it wait there (head-of-line blocking). The
@@ -463,18 +483,8 @@ class LocalBackend:
             if victim is None:
                 return
             task = self.tasks[victim.inflight[-1]]
-            word = victim.index * CLAIMS + task.seq % CLAIMS
-            if not self.claims.compare_exchange(word, QUEUED, STOLEN):
+            if not self._withdraw(victim, task):
                 return  # the worker has just started it (so its previous task is done)
-            victim.inflight.pop()
-            victim.sent -= 1
-            victim.stale.append(task.seq)
-            del self.tasks[task.tid]
-            if task.seg is not None:  # the worker skips the message without mapping it
-                self.spills.give(task.seg, worker_gone=True)
-                task.seg = None
-            if task.budget is not None:
-                self.timed -= 1
             self._dispatch(idle, task)
             if idle.index not in written:
                 written.append(idle.index)
@@ -545,6 +555,7 @@ class LocalBackend:
         if tid == wire.READY_TID:
             slot.ready = True
             self.early_deaths = 0
+            slot.head_since = _monotonic()  # a task's budget starts once its worker is up
             return
         if tid == wire.INIT_FAILED_TID:
             done.append(_InitFailed(msg))
@@ -711,6 +722,8 @@ class LocalBackend:
         now = _monotonic()
         for slot in self.slots:
             if not slot.inflight or slot.proc is None or slot.timed_out is not None:
+                continue
+            if not slot.ready:  # still starting (spawn, forkserver) or in the initializer
                 continue
             task = self.tasks.get(slot.inflight[0])
             if task is None or task.budget is None:
@@ -905,34 +918,58 @@ class LocalBackend:
     def cancel(self, result) -> None:
         """Ctrl-C in a caller waiting for ``result``: drop its job, replace the workers
         running its tasks, fail it with TaskCancelledError; the pool stays usable."""
+        self.cancel_all((result,))
+
+    def cancel_all(self, results, error=None, stop="kill") -> None:
+        """Drops the jobs of ``results`` (their tasks queued behind another job's task on a
+        worker are taken back), stops the workers running their tasks (``stop``: "kill",
+        SIGKILL; "terminate", SIGTERM, then SIGKILL to one still there after KILL_JOIN) and
+        replaces them, fails each with ``error(exits)`` (``exits``: (pid, exit code) of the
+        workers that were running it, empty when none had started it), TaskCancelledError by
+        default. Other jobs are not disturbed; the pool stays usable."""
         if self.pid != _my_pid or self.lifecycle.state is State.TERMINATE:
             return
+        ids = {id(r) for r in results}
         done = []
+        exits = {}  # id(result) -> [(pid, exit code)] of the workers that ran it
         with self.lock:
             for job in self.jobs:
-                if job.result is result:
+                if id(job.result) in ids:
                     job.cancelled = True
-            self.retry = collections.deque(t for t in self.retry if t.job.result is not result)
-            victims = []
+            self.retry = collections.deque(t for t in self.retry if id(t.job.result) not in ids)
+            victims = {}  # slot index -> (slot, the result it runs)
             for slot in self.slots:
                 if slot.proc is None:
                     continue
-                if any(self.tasks[t].job.result is result for t in slot.inflight):
-                    victims.append(slot)
-                    for t in slot.inflight:
-                        if self.tasks[t].job.result is result:
-                            self.tasks[t].job.cancelled = True
-            for slot in victims:
+                for tid in list(slot.inflight):
+                    task = self.tasks[tid]
+                    if id(task.job.result) not in ids:
+                        continue
+                    task.job.cancelled = True
+                    # results come back in order: the oldest task is the one it runs
+                    if slot.inflight[0] == tid or not self._withdraw(slot, task):
+                        victims[slot.index] = (slot, task.job.result if slot.ready else None)
+            for slot, _ in victims.values():
                 try:
-                    slot.proc.kill()
+                    slot.proc.terminate() if stop == "terminate" else slot.proc.kill()
                 except (OSError, AttributeError):
                     pass
-            for slot in victims:
+            for slot, ran in victims.values():
                 slot.proc.join(_tunables.KILL_JOIN)
+                if slot.proc.exitcode is None:  # it outlived SIGTERM
+                    try:
+                        slot.proc.kill()
+                    except (OSError, AttributeError):
+                        pass
+                    slot.proc.join(_tunables.KILL_JOIN)
+                if ran is not None:
+                    exits.setdefault(id(ran), []).append((slot.proc.pid, slot.proc.exitcode))
                 self._reap(slot, done, resend_all=True)
             self._pump(done)
-            done.append(_Abort(result,
-                         TaskCancelledError("the call was interrupted (KeyboardInterrupt)")))
+            for result in results:
+                err = TaskCancelledError("the call was interrupted (KeyboardInterrupt)") \
+                    if error is None else error(exits.get(id(result), []))
+                done.append(_Abort(result, err))
         self._complete(done)
         self.kick()
 
