@@ -948,7 +948,11 @@ class LocalBackend:
                     task.job.cancelled = True
                     # results come back in order: the oldest task is the one it runs
                     if slot.inflight[0] == tid or not self._withdraw(slot, task):
-                        victims[slot.index] = (slot, task.job.result if slot.ready else None)
+                        # its claim word says whether the worker took it (the READY message
+                        # may not have been read yet)
+                        word = slot.index * CLAIMS + task.seq % CLAIMS
+                        started = self.claims.load(word) == TAKEN
+                        victims[slot.index] = (slot, task.job.result if started else None)
             for slot, _ in victims.values():
                 try:
                     slot.proc.terminate() if stop == "terminate" else slot.proc.kill()
