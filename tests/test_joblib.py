@@ -195,6 +195,7 @@ def test_missing_joblib_names_the_extra():
 
 
 def test_scikit_learn_estimator_with_n_jobs():
+    # in the test extra where it has wheels (not on 3.15 yet)
     sklearn = pytest.importorskip("sklearn")  # noqa: F841
     from sklearn.datasets import make_classification
     from sklearn.ensemble import RandomForestClassifier
