@@ -195,16 +195,29 @@ def test_missing_joblib_names_the_extra():
 
 
 def test_scikit_learn_estimator_with_n_jobs():
-    # in the test extra where it has wheels (not on 3.15 yet)
-    sklearn = pytest.importorskip("sklearn")  # noqa: F841
-    from sklearn.datasets import make_classification
-    from sklearn.ensemble import RandomForestClassifier
+    # in the test extra where it has wheels (not on 3.15 yet); looked up, not imported: it
+    # loads its own OpenMP runtime, whose threads would stay in this process and make later
+    # fork-hazard checks see them, so the estimator runs in a fresh interpreter
+    import importlib.util
 
-    X, y = make_classification(n_samples=200, n_features=8, random_state=0)
-    ref = RandomForestClassifier(n_estimators=20, random_state=0).fit(X, y)
-    with parallel_config(backend="pyparallel"):
-        clf = RandomForestClassifier(n_estimators=20, random_state=0, n_jobs=2).fit(X, y)
-    assert (clf.predict(X) == ref.predict(X)).all()
+    if importlib.util.find_spec("sklearn") is None:
+        pytest.skip("scikit-learn is not installed (the test extra has it where it has wheels)")
+    code = textwrap.dedent("""
+        from joblib import parallel_config
+        from sklearn.datasets import make_classification
+        from sklearn.ensemble import RandomForestClassifier
+        import pyparallel.joblib  # noqa: F401  (registers the backend)
+
+        X, y = make_classification(n_samples=200, n_features=8, random_state=0)
+        ref = RandomForestClassifier(n_estimators=20, random_state=0).fit(X, y)
+        with parallel_config(backend="pyparallel"):
+            clf = RandomForestClassifier(n_estimators=20, random_state=0, n_jobs=2).fit(X, y)
+        print(bool((clf.predict(X) == ref.predict(X)).all()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
 
 
 # ---- joblib's own test_parallel.py and test_config.py, on the pyparallel backend ----------
