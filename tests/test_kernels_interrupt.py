@@ -20,7 +20,7 @@ from pyparallel.kernels import (CancelToken, KernelCancelled, cube_loop, fib, sq
 BOUND = 120.0
 
 
-def _readline(p, limit=30.0):
+def _readline(p, limit=60.0):
     """The next line of p's stdout (unbuffered pipe), or a failure after `limit` seconds."""
     buf = p.__dict__.setdefault("_lines", bytearray())
     end = time.monotonic() + limit
@@ -42,8 +42,8 @@ CHILD = textwrap.dedent("""
              "cube": lambda: kernels.cube_loop(2 ** 40),
              "wm": lambda: kernels.weighted_multiply.map([("a", 1)] * 20_000_000, {"a": 2})}
     for name in sys.argv[1:]:
-        print("ready", flush=True)
-        try:
+        try:  # before "ready": a SIGINT that comes early (a busy machine) lands inside it too
+            print("ready", flush=True)
             calls[name]()
             print("finished", flush=True)
         except KeyboardInterrupt:
