@@ -4,10 +4,18 @@ import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import signal
 import threading
 import time
 
 import pytest
+
+# A suite started in the background of a non-interactive shell (`(make test &)`, a CI
+# runner's job) inherits SIGINT ignored, as every asynchronous command there does, and
+# Python then leaves it ignored in this process and in every child it starts: the Ctrl-C
+# tests would send a signal nobody sees. Take it back, as an interactive run has it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["fork", "forkserver", "spawn"])
