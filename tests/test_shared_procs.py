@@ -393,20 +393,14 @@ def test_notify_skips_a_waiter_killed_in_wait():
             live.join()
 
 
-def test_barrier_with_a_party_killed_in_wait_breaks():
-    ctx = mp.get_context("fork")
-    barrier = pp.Barrier(3, timeout=2)
-    results = pp.RawArray("i", 3)
-    victim = ctx.Process(target=_barrier_party, args=(barrier, results, 0))
-    victim.start()
-    _until(lambda: barrier.n_waiting == 1)
-    _kill(victim)
+def _survivors_get_broken_barrier(ctx, barrier, results):
+    """Parties 1 and 2 of a barrier whose party 0 died: both get BrokenBarrierError."""
     survivors = [ctx.Process(target=_barrier_party, args=(barrier, results, i)) for i in (1, 2)]
     for s in survivors:
         s.start()
     try:
         for s in survivors:
-            s.join(20)
+            s.join(60)
             assert s.exitcode == 0
         assert list(results) == [0, 2, 2]   # both survivors got BrokenBarrierError
         assert barrier.broken
@@ -415,6 +409,17 @@ def test_barrier_with_a_party_killed_in_wait_breaks():
             if s.is_alive():
                 s.kill()
                 s.join()
+
+
+def test_barrier_with_a_party_killed_in_wait_breaks():
+    ctx = mp.get_context("fork")
+    barrier = pp.Barrier(3, timeout=2)
+    results = pp.RawArray("i", 3)
+    victim = ctx.Process(target=_barrier_party, args=(barrier, results, 0))
+    victim.start()
+    _until(lambda: barrier.n_waiting == 1)
+    _kill(victim)
+    _survivors_get_broken_barrier(ctx, barrier, results)
 
 
 def _barrier_party_dying_when_counted(barrier):
@@ -433,32 +438,18 @@ def test_barrier_never_counts_a_party_killed_once_counted(shm_context):
     victim.join(60)
     assert victim.exitcode == -signal.SIGKILL
     assert barrier.n_waiting == 1              # counted, then died
-    survivors = [shm_context.Process(target=_barrier_party, args=(barrier, results, i))
-                 for i in (1, 2)]
-    for s in survivors:
-        s.start()
-    try:
-        for s in survivors:
-            s.join(60)
-            assert s.exitcode == 0
-        assert list(results) == [0, 2, 2]      # both survivors got BrokenBarrierError
-        assert barrier.broken
-        # the dead party is forgotten: reset() completes and a full round passes
-        barrier.reset()
-        assert not barrier.broken and barrier.n_waiting == 0
-        indices = []
-        threads = [threading.Thread(target=lambda: indices.append(barrier.wait()))
-                   for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert sorted(indices) == [0, 1, 2]
-    finally:
-        for s in survivors:
-            if s.is_alive():
-                s.kill()
-                s.join()
+    _survivors_get_broken_barrier(shm_context, barrier, results)
+    # the dead party is forgotten: reset() completes and a full round passes
+    barrier.reset()
+    assert not barrier.broken and barrier.n_waiting == 0
+    indices = []
+    threads = [threading.Thread(target=lambda: indices.append(barrier.wait()))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(indices) == [0, 1, 2]
 
 
 def test_barrier_timeout_with_a_dead_party_raises():
